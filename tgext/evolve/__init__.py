@@ -1,0 +1,13 @@
+"""tgext.evolve: data evolutions run exactly once across a TurboGears cluster, behind a 503 gate.
+
+The public API is what this module exports; everything else is internal.
+"""
+from .alembic_upgrade import AlembicUpgrade
+from .errors import ConfigurationError, EvolutionFailed, EvolveError, LeaseLost
+from .evolution import Evolution
+from .plugin import plugme
+
+__version__ = '1.0.0.dev0'
+
+__all__ = ['plugme', 'Evolution', 'AlembicUpgrade', 'EvolveError', 'ConfigurationError',
+           'LeaseLost', 'EvolutionFailed', '__version__']

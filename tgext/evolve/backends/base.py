@@ -1,0 +1,237 @@
+"""The storage contract every backend implements.
+
+A backend owns two stores, named the same on every database:
+
+``tgext_evolve_lock``
+    one record per lock name: ``name``, ``owner``, ``generation`` (+1 on every acquisition,
+    never reset), ``acquired_at``, ``renewed_at``, ``expires_at``, ``released_by``.
+``tgext_evolve_history``
+    one record per evolution id: ``evolution_id``, ``state``, ``attempts``, ``started_at``,
+    ``finished_at``, ``duration_ms``, ``owner``, ``generation``, ``error``, ``progress_done``,
+    ``progress_total``, ``fingerprint``.
+
+Times are float seconds since the epoch.  SQL backends take them from the database clock so
+that hosts with skewed clocks cannot steal or extend a lease; the Ming backend uses the client
+clock.
+
+Every write to either store, except acquiring a free or expired lock, is *fenced*: it happens
+only while ``(owner, generation)`` of the given :class:`Lease` still matches the lock record,
+checked in the same atomic step as the write.  A fenced write that finds the lock taken raises
+:class:`~tgext.evolve.errors.LeaseLost` and changes nothing.
+
+The runner (``tgext.evolve.runner``) is the only caller during normal operation; the CLI uses
+the same methods.  Backends know nothing about HTTP, TurboGears requests or the runner's state.
+"""
+import abc
+import dataclasses
+from typing import Callable, Iterable, Mapping, Optional
+
+LOCK_TABLE = 'tgext_evolve_lock'
+HISTORY_TABLE = 'tgext_evolve_history'
+LEGACY_TABLE = 'tgext_evolve'
+DEFAULT_LOCK_NAME = 'tgext.evolve'
+
+#: History states.  ``running`` is written before ``evolve()`` starts so a crash is visible.
+RUNNING = 'running'
+APPLIED = 'applied'
+FAILED = 'failed'
+ADOPTED = 'adopted'  # applied by tgext.evolve 0.0.5, taken over from its ``tgext_evolve`` store
+MARKED = 'marked'  # recorded as applied by an operator without running it
+STATES = (RUNNING, APPLIED, FAILED, ADOPTED, MARKED)
+#: States that mean "this evolution's work is in the database".
+DONE_STATES = frozenset((APPLIED, ADOPTED, MARKED))
+
+MAX_ID_LENGTH = 128
+MAX_OWNER_LENGTH = 255
+
+
+@dataclasses.dataclass(frozen=True)
+class Lease:
+    """Proof of holding the lock: what every fenced write checks."""
+    name: str
+    owner: str
+    generation: int
+    expires_at: float
+    lease_seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
+class LockRecord:
+    """The lock record as read, with the database clock at the time of reading."""
+    name: str
+    owner: Optional[str]  # None once released
+    generation: int
+    acquired_at: Optional[float]
+    renewed_at: Optional[float]
+    expires_at: Optional[float]
+    released_by: Optional[str]
+    now: float  # the clock that decides expiry, read in the same query
+
+    @property
+    def held(self) -> bool:
+        """True while an owner holds an unexpired lease."""
+        return self.owner is not None and self.expires_at is not None and self.expires_at > self.now
+
+    @property
+    def expires_in(self) -> Optional[float]:
+        if self.owner is None or self.expires_at is None:
+            return None
+        return self.expires_at - self.now
+
+
+@dataclasses.dataclass(frozen=True)
+class HistoryRecord:
+    evolution_id: str
+    state: str
+    attempts: int = 0
+    started_at: Optional[float] = None
+    finished_at: Optional[float] = None
+    duration_ms: Optional[float] = None
+    owner: Optional[str] = None
+    generation: Optional[int] = None
+    error: Optional[str] = None
+    progress_done: Optional[int] = None
+    progress_total: Optional[int] = None
+    fingerprint: Optional[str] = None
+
+    @property
+    def done(self) -> bool:
+        return self.state in DONE_STATES
+
+
+@dataclasses.dataclass(frozen=True)
+class LegacyState:
+    """What tgext.evolve 0.0.5 left in its ``tgext_evolve`` table or collection."""
+    version: Optional[str]  # the last evolution id it applied
+    lock_holder: Optional[str]  # the pid in a leftover 0.0.5 lock, ignored but reported
+
+
+class Backend(abc.ABC):
+    """One database's implementation of the storage contract.
+
+    Implementations must be safe to call from several threads of one process (the runner's
+    thread, its heartbeat timer, the CLI) and from many processes at once.  Each method is one
+    short transaction unless it says otherwise; none holds a database lock while it returns.
+    """
+
+    #: ``'sqlite'``, ``'postgresql'``, ``'mysql'``, ``'mongodb'``: used in logs and docs.
+    dialect: str = ''
+
+    #: Whether :meth:`apply` commits the evolution's work and its history row atomically.
+    atomic_apply: bool = False
+
+    # --- set-up --------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def ensure_storage(self) -> None:
+        """Create the lock and history stores (and their indexes) if missing.
+
+        Idempotent, and safe when many processes call it at the same moment on an empty
+        database: every caller returns normally once the stores exist.
+        """
+
+    @abc.abstractmethod
+    def now(self) -> float:
+        """The clock that decides lease expiry (the database's where it has one)."""
+
+    def dispose_after_fork(self) -> None:
+        """Forget connections inherited from a parent process without closing them."""
+
+    def close(self) -> None:
+        """Release the backend's own connections (not the application's)."""
+
+    def is_transient(self, error: BaseException) -> bool:
+        """True when ``error`` means the connection died (retry later), not that an evolution
+        is wrong (record it as failed)."""
+        return False
+
+    def is_busy(self, error: BaseException) -> bool:
+        """True when ``error`` means another writer kept the database busy past the driver's
+        wait (SQLite's single writer): contention to retry at the next poll, not an outage."""
+        return False
+
+    # --- reading (never fenced, never locking) -------------------------------------------------
+
+    @abc.abstractmethod
+    def read_history(self) -> Mapping[str, HistoryRecord]:
+        """Every history record, keyed by evolution id, in one query."""
+
+    @abc.abstractmethod
+    def read_lock(self, name: str = DEFAULT_LOCK_NAME) -> Optional[LockRecord]:
+        """The lock record, or None when it was never acquired."""
+
+    @abc.abstractmethod
+    def read_legacy(self) -> Optional[LegacyState]:
+        """The 0.0.5 state, or None when its table/collection does not exist or is empty."""
+
+    # --- the lease -----------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def acquire(self, owner: str, lease_seconds: float,
+                name: str = DEFAULT_LOCK_NAME) -> Optional[Lease]:
+        """Take the lock if it is free, released or expired; return None if someone holds it.
+
+        Inserts the record (generation 1) when missing, otherwise takes it over with one
+        compare-and-set that succeeds only while the record is released or expired; either way
+        ``generation`` is incremented and ``acquired_at``/``renewed_at``/``expires_at`` are set
+        from :meth:`now`.  Of many concurrent callers, at most one gets a Lease.
+        """
+
+    @abc.abstractmethod
+    def renew(self, lease: Lease) -> Lease:
+        """Push ``expires_at`` to now + lease; raise LeaseLost if the lock changed hands.
+
+        One statement: it runs every lease/3 for as long as evolutions run.
+        """
+
+    @abc.abstractmethod
+    def release(self, lease: Lease) -> bool:
+        """Release the lock (owner cleared, generation kept); False if it had changed hands."""
+
+    @abc.abstractmethod
+    def break_lock(self, broken_by: str, name: str = DEFAULT_LOCK_NAME) -> Optional[LockRecord]:
+        """Release the lock whoever holds it, recording ``broken_by``; return what was broken.
+
+        The operator's last resort (``gearbox evolve release-lock --force``): the generation is
+        still incremented so the previous holder's fenced writes fail from now on.
+        """
+
+    # --- fenced history writes -----------------------------------------------------------------
+
+    @abc.abstractmethod
+    def record_running(self, lease: Lease, evolution_id: str,
+                       fingerprint: Optional[str] = None) -> HistoryRecord:
+        """Commit ``state=running``, ``attempts+1``, ``started_at``, owner and generation."""
+
+    @abc.abstractmethod
+    def apply(self, lease: Lease, evolution_id: str, work: Callable[[], None],
+              fingerprint: Optional[str] = None) -> HistoryRecord:
+        """Run ``work()`` and record the evolution ``applied``.
+
+        The work's writes through the application's session, the fencing check and the
+        ``applied`` history record are committed together where the database allows it
+        (:attr:`atomic_apply`).  If ``work()`` raises, its writes are rolled back and the
+        exception propagates unchanged; if the fencing check fails, everything is rolled back
+        and LeaseLost is raised.  Nothing is recorded as failed here: see
+        :meth:`record_failure`.
+        """
+
+    @abc.abstractmethod
+    def record_failure(self, lease: Lease, evolution_id: str, error: str) -> HistoryRecord:
+        """Commit ``state=failed`` with the traceback text and ``finished_at``/``duration_ms``."""
+
+    @abc.abstractmethod
+    def record_progress(self, lease: Lease, evolution_id: str, done: int,
+                        total: Optional[int]) -> None:
+        """Store the progress of a running evolution."""
+
+    @abc.abstractmethod
+    def record_states(self, lease: Lease, evolution_ids: Iterable[str], state: str) -> None:
+        """Record evolutions as done without running them (``adopted`` or ``marked``).
+
+        Ids already recorded as done keep their record; other records are replaced.
+        """
+
+    @abc.abstractmethod
+    def delete_history(self, lease: Lease, evolution_ids: Iterable[str]) -> int:
+        """Forget history records (``unmark``, ``retry``); return how many were deleted."""

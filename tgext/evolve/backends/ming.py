@@ -1,0 +1,373 @@
+"""MongoDB storage, through Ming 0.17 / pymongo 4, on a real server or on Ming's MIM (``mim://``).
+
+The lock is one document per lock name in ``tgext_evolve_lock``; the history is one document per
+evolution id in ``tgext_evolve_history``.  Both are keyed by ``_id`` (the lock name, the
+evolution id), which MongoDB keeps unique on every deployment and MIM honours too.
+
+What this backend guarantees, and what it does not:
+
+* **One lease holder at a time.**  A free lock is taken by inserting its document (a duplicate
+  ``_id`` loses); a released or expired one by a single ``find_one_and_update`` whose filter
+  repeats the ``generation`` just read, so of many concurrent takers at most one matches.
+* **Fenced writes are check-then-write.**  MongoDB has no transaction spanning two collections
+  on a standalone server, and MIM has none at all, so every fenced write first checks
+  ``(owner, generation)`` on the lock document and, in the same atomic update, extends the lease
+  by its full length; the history write follows as a second step.  Another process can only
+  slip in between if this one stalls for longer than a whole lease between the two steps.
+* **Evolutions are at-least-once.**  :meth:`MingBackend.apply` flushes the evolution's work
+  before it records it ``applied``; a crash or a lost lease in between leaves the record
+  ``running``, and the next holder runs the evolution again.  Evolutions on MongoDB must
+  therefore be safe to re-run.  If ``work()`` raises, only its *unflushed* changes in the
+  application's Ming session are discarded: whatever it already wrote stays written.
+* **Times come from the client clock** (``time.time()``): MongoDB offers no server time that
+  MIM can also give.  A host whose clock is ahead by S seconds sees every other host's lease
+  expire S seconds early.  The holder renews every lease/3, so a lease normally has at least
+  two thirds of its length left; keep the clock skew between hosts below lease/3 (5 s with the
+  default 15 s lease) so that even a late renewal leaves no host a wrong view of the expiry.
+  NTP keeps real skew in milliseconds.
+* The lock and history collections are used with ``w='majority'`` and primary reads whatever
+  the application's defaults are: an unacknowledged insert could not report the duplicate key
+  that tells a loser it lost, a write acknowledged by a lone primary can be rolled back after a
+  failover, and a secondary read could miss an evolution that has just been applied.
+
+MIM is in-process memory: two processes never share it, so it only ever serves tests of one
+process.  It has no locking either (see ``_mim_lock``).
+"""
+import contextlib
+import dataclasses
+import logging
+import threading
+import time
+from typing import Callable, Iterable, Mapping, Optional
+
+from ming import mim
+from ming.odm import ThreadLocalODMSession
+from pymongo import ASCENDING, ReadPreference, ReturnDocument
+from pymongo.errors import ConnectionFailure, DuplicateKeyError, OperationFailure, PyMongoError
+from pymongo.write_concern import WriteConcern
+
+from ..errors import LeaseLost
+from . import base
+
+log = logging.getLogger('tgext.evolve')
+
+# MIM takes no lock anywhere: two threads of one process (the runner and its heartbeat, or two
+# backends standing for two processes in a test) interleaving inside one of its calls lose the
+# atomicity of find_one_and_update and of unique inserts, or crash it.  Every MIM call of this
+# module therefore runs under this lock; pymongo is thread-safe and never takes it.
+_mim_lock = threading.RLock()
+
+# createIndexes racing with itself on a collection that does not exist yet can fail, depending
+# on the server version, because the implicit collection creation or the index build of another
+# caller won: these codes mean "someone else is creating the same thing, try again".
+_RACING_CREATE_CODES = frozenset((
+    48,  # NamespaceExists
+    112,  # WriteConflict
+    276,  # IndexBuildAlreadyInProgress
+))
+_CREATE_ATTEMPTS = 5
+
+_HISTORY_FIELDS = tuple(field.name for field in dataclasses.fields(base.HistoryRecord))
+# Every history document carries every field, as the SQL table does; ``progress_at`` (when the
+# progress was last reported) exists only here.
+_BLANK_HISTORY = {**dict.fromkeys(_HISTORY_FIELDS), 'attempts': 0, 'progress_at': None}
+_NOT_PROGRESSED = {'progress_done': None, 'progress_total': None, 'progress_at': None}
+
+
+class MingBackend(base.Backend):
+    """The storage contract on MongoDB.
+
+    ``db`` is the application's pymongo ``Database`` or ``ming.mim.Database``
+    (``config['tg.app_globals'].ming_datastore.db``); ``session`` is the application's Ming
+    session (``ThreadLocalODMSession`` or ``ODMSession``), flushed by :meth:`apply` after the
+    evolution's work and cleared afterwards, or None when evolutions write through pymongo.
+    """
+
+    dialect = 'mongodb'
+    atomic_apply = False
+
+    def __init__(self, db, session=None):
+        self.db = db
+        self.session = session
+        self._is_mim = isinstance(db, mim.Database)
+
+    # Collections are looked up on every call rather than kept: MIM forgets a dropped collection
+    # object, so one kept across a test's drop would no longer be the one the database holds.
+    @property
+    def _locks(self):
+        return self._collection(base.LOCK_TABLE)
+
+    @property
+    def _history(self):
+        return self._collection(base.HISTORY_TABLE)
+
+    def _collection(self, name):
+        return self.db[name].with_options(read_preference=ReadPreference.PRIMARY,
+                                          write_concern=WriteConcern(w='majority'))
+
+    def _guard(self):
+        return _mim_lock if self._is_mim else contextlib.nullcontext()
+
+    # --- set-up --------------------------------------------------------------------------------
+
+    def ensure_storage(self) -> None:
+        # ``_id`` already makes lock names and evolution ids unique; these indexes make the
+        # documented key fields unique for anyone who queries by them, and creating them is also
+        # what creates the collections on a real server.
+        for collection, key in ((self._locks, 'name'), (self._history, 'evolution_id')):
+            for attempt in range(1, _CREATE_ATTEMPTS + 1):
+                try:
+                    with self._guard():
+                        collection.create_index([(key, ASCENDING)], unique=True)
+                    break
+                except OperationFailure as exc:
+                    if exc.code not in _RACING_CREATE_CODES or attempt == _CREATE_ATTEMPTS:
+                        raise
+                    time.sleep(0.05 * attempt)
+
+    def now(self) -> float:
+        return time.time()
+
+    def dispose_after_fork(self) -> None:
+        # The pymongo client belongs to the application's Ming datastore, not to this backend,
+        # and pymongo >= 4.3 resets its own pools in a forked child.  What a child must not
+        # inherit is a MIM lock that another thread of the parent held at the moment of the fork:
+        # that thread does not exist in the child, so the lock would never be released.
+        global _mim_lock
+        _mim_lock = threading.RLock()
+
+    # close(): nothing to do, the connections are the application's.
+
+    def is_transient(self, error: BaseException) -> bool:
+        # ConnectionFailure covers network errors, server selection timeouts and a primary that
+        # stepped down; the server labels the other errors that a retry can cure.
+        return isinstance(error, ConnectionFailure) or (
+            isinstance(error, PyMongoError) and error.has_error_label('RetryableWriteError'))
+
+    # --- reading -------------------------------------------------------------------------------
+
+    def read_history(self) -> Mapping[str, base.HistoryRecord]:
+        with self._guard():
+            return {doc['_id']: _history_record(doc) for doc in self._history.find()}
+
+    def read_lock(self, name: str = base.DEFAULT_LOCK_NAME) -> Optional[base.LockRecord]:
+        with self._guard():
+            doc = self._locks.find_one({'_id': name})
+        return None if doc is None else _lock_record(doc, time.time())
+
+    def read_legacy(self) -> Optional[base.LegacyState]:
+        with self._guard():
+            # Looking the collection up first: MIM creates a collection merely by being asked
+            # for it, and reading must not leave an empty ``tgext_evolve`` behind.
+            if base.LEGACY_TABLE not in self.db.list_collection_names():
+                return None
+            legacy = self.db[base.LEGACY_TABLE].with_options(
+                read_preference=ReadPreference.PRIMARY)
+            version = legacy.find_one({'type': 'version'})
+            lock = legacy.find_one({'type': 'lock'})
+        if version is None and lock is None:
+            return None
+        holder = None if lock is None else lock.get('process')
+        return base.LegacyState(version=None if version is None else version.get('current'),
+                                lock_holder=None if holder is None else str(holder))
+
+    # --- the lease -----------------------------------------------------------------------------
+
+    def acquire(self, owner: str, lease_seconds: float,
+                name: str = base.DEFAULT_LOCK_NAME) -> Optional[base.Lease]:
+        with self._guard():
+            now = time.time()
+            expires_at = now + lease_seconds
+            taken = {'owner': owner, 'acquired_at': now, 'renewed_at': now,
+                     'expires_at': expires_at, 'released_by': None}
+            try:
+                self._locks.insert_one({'_id': name, 'name': name, 'generation': 1, **taken})
+                return base.Lease(name, owner, 1, expires_at, lease_seconds)
+            except DuplicateKeyError:
+                pass
+            current = self._locks.find_one({'_id': name})
+            if current is None or _lock_record(current, now).held:
+                return None
+            # No upsert: MIM asserts on an upsert whose filter has operators, and the document
+            # exists anyway.  Repeating the generation read above is the compare-and-set.
+            generation = current['generation'] + 1
+            won = self._locks.find_one_and_update(
+                {'_id': name, 'generation': current['generation'],
+                 '$or': [{'owner': None}, {'expires_at': {'$lt': now}}]},
+                {'$set': {**taken, 'generation': generation}},
+                projection={'_id': True})
+        if won is None:
+            return None
+        if current['owner'] is not None:
+            log.warning('lock %r: the lease of %s expired %.1f s ago, taken over by %s',
+                        name, current['owner'], now - current['expires_at'], owner)
+        return base.Lease(name, owner, generation, expires_at, lease_seconds)
+
+    def renew(self, lease: base.Lease) -> base.Lease:
+        with self._guard():
+            now = time.time()
+            self._fence(lease, now)
+        return dataclasses.replace(lease, expires_at=now + lease.lease_seconds)
+
+    def release(self, lease: base.Lease) -> bool:
+        with self._guard():
+            released = self._locks.find_one_and_update(
+                _held_by(lease), {'$set': {'owner': None, 'released_by': lease.owner}},
+                projection={'_id': True})
+        return released is not None
+
+    def break_lock(self, broken_by: str,
+                   name: str = base.DEFAULT_LOCK_NAME) -> Optional[base.LockRecord]:
+        with self._guard():
+            now = time.time()
+            before = self._locks.find_one_and_update(
+                {'_id': name},
+                {'$set': {'owner': None, 'released_by': broken_by}, '$inc': {'generation': 1}},
+                return_document=ReturnDocument.BEFORE)
+        return None if before is None else _lock_record(before, now)
+
+    def _fence(self, lease, now):
+        """Check that ``lease`` still holds the lock and extend it, in one atomic update."""
+        held = self._locks.find_one_and_update(
+            _held_by(lease),
+            {'$set': {'renewed_at': now, 'expires_at': now + lease.lease_seconds}},
+            projection={'_id': True})
+        if held is None:
+            raise LeaseLost(f'lock {lease.name!r} is no longer held by {lease.owner} '
+                            f'(generation {lease.generation})')
+
+    # --- fenced history writes -----------------------------------------------------------------
+
+    def record_running(self, lease: base.Lease, evolution_id: str,
+                       fingerprint: Optional[str] = None) -> base.HistoryRecord:
+        with self._guard():
+            now = time.time()
+            self._fence(lease, now)
+            return self._write_history(
+                evolution_id,
+                {'state': base.RUNNING, 'started_at': now, 'finished_at': None,
+                 'duration_ms': None, 'owner': lease.owner, 'generation': lease.generation,
+                 'error': None, 'fingerprint': fingerprint, **_NOT_PROGRESSED},
+                count_attempt=True)
+
+    def apply(self, lease: base.Lease, evolution_id: str, work: Callable[[], None],
+              fingerprint: Optional[str] = None) -> base.HistoryRecord:
+        # Checked before the work too, so that a lease lost since record_running does not start
+        # work that nothing could ever record.
+        with self._guard():
+            self._fence(lease, time.time())
+        try:
+            work()
+            if self.session is not None:
+                self._flush_session()
+        finally:
+            # Clears the session whatever happened: after a failure its unflushed changes must
+            # not reach the database with the next flush, and after a success the objects it
+            # tracks would only keep the runner's thread holding memory.
+            if self.session is not None:
+                self._clear_session()
+        finished = {'state': base.APPLIED, 'error': None}
+        if fingerprint is not None:
+            finished['fingerprint'] = fingerprint
+        return self._finish(lease, evolution_id, finished)
+
+    def record_failure(self, lease: base.Lease, evolution_id: str,
+                       error: str) -> base.HistoryRecord:
+        return self._finish(lease, evolution_id, {'state': base.FAILED, 'error': error})
+
+    def record_progress(self, lease: base.Lease, evolution_id: str, done: int,
+                        total: Optional[int]) -> None:
+        with self._guard():
+            now = time.time()
+            self._fence(lease, now)
+            self._history.update_one(
+                {'_id': evolution_id},
+                {'$set': {'progress_done': done, 'progress_total': total, 'progress_at': now}})
+
+    def record_states(self, lease: base.Lease, evolution_ids: Iterable[str], state: str) -> None:
+        if state not in base.DONE_STATES:
+            raise ValueError(f'record_states() records done states only, not {state!r}')
+        evolution_ids = list(dict.fromkeys(evolution_ids))
+        with self._guard():
+            now = time.time()
+            self._fence(lease, now)
+            done = {doc['_id'] for doc in self._history.find(
+                {'_id': {'$in': evolution_ids}, 'state': {'$in': sorted(base.DONE_STATES)}},
+                projection={'_id': True})}
+            for evolution_id in evolution_ids:
+                if evolution_id not in done:
+                    self._write_history(evolution_id, {
+                        **_BLANK_HISTORY, 'state': state, 'finished_at': now,
+                        'owner': lease.owner, 'generation': lease.generation})
+
+    def delete_history(self, lease: base.Lease, evolution_ids: Iterable[str]) -> int:
+        evolution_ids = list(evolution_ids)
+        with self._guard():
+            self._fence(lease, time.time())
+            return self._history.delete_many({'_id': {'$in': evolution_ids}}).deleted_count
+
+    def _finish(self, lease, evolution_id, fields):
+        """Fence, then record the end of a run with its duration since ``started_at``."""
+        with self._guard():
+            now = time.time()
+            self._fence(lease, now)
+            running = self._history.find_one({'_id': evolution_id},
+                                             projection={'started_at': True})
+            started_at = None if running is None else running.get('started_at')
+            duration_ms = 0.0 if started_at is None else max(0.0, (now - started_at) * 1000.0)
+            return self._write_history(evolution_id, {
+                **fields, 'finished_at': now, 'duration_ms': duration_ms,
+                'owner': lease.owner, 'generation': lease.generation})
+
+    def _write_history(self, evolution_id, fields, count_attempt=False):
+        """Upsert one history document with ``fields`` and return it as a HistoryRecord.
+
+        The filter is a plain equality on ``_id``, the only kind of upsert filter MIM accepts.
+        A document created here gets every other field from ``_BLANK_HISTORY``.
+        """
+        update = {'$set': {**fields, 'evolution_id': evolution_id}}
+        on_insert = {key: value for key, value in _BLANK_HISTORY.items()
+                     if key not in update['$set']}
+        if count_attempt:
+            update['$inc'] = {'attempts': 1}
+            del on_insert['attempts']
+        # MongoDB before 5.0 rejects an empty operator.
+        if on_insert:
+            update['$setOnInsert'] = on_insert
+        doc = self._history.find_one_and_update({'_id': evolution_id}, update, upsert=True,
+                                                return_document=ReturnDocument.AFTER)
+        return _history_record(doc)
+
+    # --- the application's Ming session --------------------------------------------------------
+
+    def _flush_session(self):
+        # A ThreadLocalODMSession's flush_all() flushes every thread-local session of this
+        # thread, for evolutions that use more than one; ContextualODMSession.flush_all() needs
+        # a context this backend does not know, so every other kind flushes itself only.
+        if isinstance(self.session, ThreadLocalODMSession):
+            self.session.flush_all()
+        else:
+            self.session.flush()
+
+    def _clear_session(self):
+        if isinstance(self.session, ThreadLocalODMSession):
+            self.session.close_all()
+        else:
+            self.session.close()
+
+
+def _held_by(lease):
+    return {'_id': lease.name, 'owner': lease.owner, 'generation': lease.generation}
+
+
+def _lock_record(doc, now):
+    return base.LockRecord(
+        name=doc.get('name', doc['_id']), owner=doc.get('owner'), generation=doc['generation'],
+        acquired_at=doc.get('acquired_at'), renewed_at=doc.get('renewed_at'),
+        expires_at=doc.get('expires_at'), released_by=doc.get('released_by'), now=now)
+
+
+def _history_record(doc):
+    fields = {key: doc[key] for key in _HISTORY_FIELDS if doc.get(key) is not None}
+    fields['evolution_id'] = doc['_id']
+    return base.HistoryRecord(**fields)

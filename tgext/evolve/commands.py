@@ -1,0 +1,500 @@
+"""``gearbox evolve``: see and steer tgext.evolve from a shell or a deploy pipeline.
+
+Argument parsing, printing and exit codes only: what each verb does is in :mod:`.operations`.
+Results go to stdout, log lines (the ``tgext.evolve`` logger, configured by gearbox) and errors
+to stderr.
+"""
+import argparse
+import datetime
+import json
+import logging
+import sys
+import time
+
+from gearbox.command import Command
+
+from . import operations
+from .errors import ConfigurationError
+from .runner import RunListener
+
+log = logging.getLogger('tgext.evolve')
+
+EXIT_OK = 0
+EXIT_NOT_SETTLED = 1  # status: something pending or failed; run: an evolution failed
+EXIT_REFUSED = 2  # bad arguments or configuration, unknown ids, an unsafe request
+EXIT_TIMEOUT = 3  # gave up waiting for the lock (--timeout)
+EXIT_ERROR = 4  # anything else, e.g. the database cannot be reached (gearbox's own code)
+EXIT_INTERRUPTED = 130
+
+EXIT_CODES = '''exit codes:
+  0  done; nothing pending or failed (status)
+  1  something pending or failed (status); an evolution failed (run)
+  2  refused: bad arguments or configuration, unknown id, unsafe request
+  3  gave up waiting for the lock (--timeout)
+  4  any other error, e.g. the database cannot be reached'''
+
+#: The plain progress display prints at most one line per evolution this often.
+PLAIN_PROGRESS_INTERVAL = 1.0
+
+
+class EvolveCommand(Command):
+    """See and steer tgext.evolve: status, history, plan, run, mark, unmark, retry,
+    release-lock."""
+
+    def get_parser(self, prog_name):
+        parser = super().get_parser(prog_name)
+        parser.formatter_class = argparse.RawDescriptionHelpFormatter
+        parser.add_argument('-c', '--config', dest='config_file', default='development.ini',
+                            help='the application\'s .ini (default: development.ini)')
+        parser.add_argument('-n', '--app-name', default='main',
+                            help='its [app:NAME] section (default: main)')
+        verbs = parser.add_subparsers(dest='verb', metavar='VERB', required=True)
+
+        def verb(name, help_text):
+            return verbs.add_parser(name, help=help_text, description=help_text,
+                                    add_help=False)
+
+        def waits(sub):
+            sub.add_argument('--timeout', type=float, metavar='SECONDS',
+                             help='give up (exit 3) after waiting this long for the lock '
+                                  '(default: wait as long as it takes)')
+
+        def takes_ids(sub, force_help):
+            sub.add_argument('ids', nargs='+', metavar='ID', help='evolution ids')
+            if force_help:
+                sub.add_argument('--force', action='store_true', help=force_help)
+            waits(sub)
+
+        status = verb('status', 'each evolution\'s state, the lock, progress; exit 1 while '
+                                'anything is pending or failed')
+        status.add_argument('--json', action='store_true', help='machine-readable output')
+        history = verb('history', 'every history record, also of ids no longer registered; '
+                                  'with ids: their details and tracebacks')
+        history.add_argument('ids', nargs='*', metavar='ID')
+        history.add_argument('--json', action='store_true', help='machine-readable output')
+        plan = verb('plan', 'what run would do, in order, and why')
+        plan.add_argument('--json', action='store_true', help='machine-readable output')
+        waits(verb('run', 'run the pending evolutions here, in the foreground'))
+        takes_ids(verb('mark', 'record evolutions as applied without running them'),
+                  'also record ids no registered evolution has')
+        takes_ids(verb('unmark', 'forget evolutions, so that the next run runs them'),
+                  'also forget ids no registered evolution has')
+        takes_ids(verb('retry', 'clear a failed state, so that the next run retries it'), None)
+        verb('release-lock', 'release the lock of a process that is gone').add_argument(
+            '--force', action='store_true',
+            help='break the lock even while its lease is valid (recorded with your name)')
+        usages = ''.join('  ' + sub.format_usage()[len('usage: '):]
+                         for sub in verbs.choices.values())
+        parser.epilog = f'verbs:\n{usages}\n{EXIT_CODES}'
+        return parser
+
+    def take_action(self, opts):
+        try:
+            service = operations.load_service(opts.config_file, opts.app_name)
+            return _VERBS[opts.verb](service, opts)
+        except (ConfigurationError, operations.OperationRefused) as e:
+            _error(e)
+            return EXIT_REFUSED
+        except operations.LockWaitTimeout as e:
+            _error(e)
+            return EXIT_TIMEOUT
+        except KeyboardInterrupt:
+            _error('interrupted')
+            return EXIT_INTERRUPTED
+        except Exception as e:
+            if getattr(self.app.options, 'debug', False):
+                raise  # gearbox --debug prints the traceback
+            _error(f'{type(e).__name__}: {e}')
+            return EXIT_ERROR
+
+
+# --- output helpers ------------------------------------------------------------------------------
+
+def _say(*lines):
+    for line in lines:
+        print(line, flush=True)
+
+
+def _error(message):
+    print(f'gearbox evolve: {message}', file=sys.stderr, flush=True)
+
+
+def _when(timestamp):
+    if timestamp is None:
+        return '-'
+    return datetime.datetime.fromtimestamp(timestamp).strftime('%Y-%m-%d %H:%M:%S')
+
+
+def _iso(timestamp):
+    if timestamp is None:
+        return None
+    moment = datetime.datetime.fromtimestamp(timestamp, tz=datetime.timezone.utc)
+    return moment.isoformat(timespec='milliseconds')
+
+
+def _duration(ms):
+    if ms is None:
+        return '-'
+    return f'{ms:.0f} ms' if ms < 10_000 else f'{ms / 1000:.1f} s'
+
+
+def _attempts(count):
+    return f'{count} attempt{"" if count == 1 else "s"}'
+
+
+def _error_summary(error):
+    """The exception line of a traceback: what status shows; history ID shows it all."""
+    lines = [line for line in (error or '').splitlines() if line.strip()]
+    return lines[-1].strip() if lines else None
+
+
+def _progress(done, total):
+    """A progress report as shown: the percentage is None when the total is unknown."""
+    percent = round(min(100.0, 100.0 * done / total), 1) if total else None
+    return {'done': done, 'total': total, 'percent': percent}
+
+
+def _recorded_progress(record):
+    if record is None or record.progress_done is None:
+        return None
+    return _progress(record.progress_done, record.progress_total)
+
+
+def _progress_text(progress):
+    if progress['total']:
+        return f'{progress["done"]}/{progress["total"]} ({progress["percent"]:.0f}%)'
+    return f'{progress["done"]} done'
+
+
+def _record_json(record):
+    return {
+        'state': record.state, 'attempts': record.attempts,
+        'started_at': _iso(record.started_at), 'finished_at': _iso(record.finished_at),
+        'duration_ms': record.duration_ms, 'owner': record.owner,
+        'generation': record.generation, 'error': _error_summary(record.error),
+        'progress': _recorded_progress(record),
+    }
+
+
+def _lock_json(lock):
+    if lock is None:
+        return None
+    return {
+        'name': lock.name, 'owner': lock.owner, 'held': lock.held,
+        'generation': lock.generation, 'acquired_at': _iso(lock.acquired_at),
+        'renewed_at': _iso(lock.renewed_at), 'expires_at': _iso(lock.expires_at),
+        'expires_in': None if lock.expires_in is None else round(lock.expires_in, 3),
+        'released_by': lock.released_by,
+    }
+
+
+def _lock_text(lock):
+    if lock is None:
+        return 'lock: never taken'
+    if lock.owner is None:
+        broken = f', broken by {lock.released_by}' if lock.released_by else ''
+        return f'lock: free (generation {lock.generation}{broken})'
+    if lock.held:
+        return (f'lock: held by {lock.owner} (generation {lock.generation}) since '
+                f'{_when(lock.acquired_at)}; lease expires in {lock.expires_in:.1f} s')
+    return (f'lock: left by {lock.owner} (generation {lock.generation}), lease expired '
+            f'{-lock.expires_in:.1f} s ago: the next process takes it over')
+
+
+def _print_json(data):
+    _say(json.dumps(data, indent=2))
+
+
+# --- status, history, plan -----------------------------------------------------------------------
+
+def _status_detail(evolution):
+    record = evolution.record
+    if evolution.running_now:
+        progress = _recorded_progress(record)
+        shown = f', {_progress_text(progress)}' if progress else ''
+        return f'since {_when(record.started_at)}{shown}, by {record.owner}'
+    if evolution.state == 'failed':
+        return (f'{_when(record.finished_at)}, attempt {record.attempts}: '
+                f'{_error_summary(record.error)}')
+    if evolution.reason is not None:
+        return evolution.reason
+    return f'{_when(record.finished_at)}, {_duration(record.duration_ms)}, by {record.owner}'
+
+
+def _status(service, opts):
+    status = operations.status(service)
+    if opts.json:
+        _print_json({
+            'ok': status.settled,
+            'evolutions': [dict({'id': e.evolution_id, 'state': e.state, 'reason': e.reason},
+                                **(_record_json(e.record) if e.record else {}))
+                           for e in status.evolutions],
+            'unregistered': [dict({'id': r.evolution_id}, **_record_json(r))
+                             for r in status.unregistered],
+            'lock': _lock_json(status.lock),
+        })
+    else:
+        counts = {}
+        for evolution in status.evolutions:
+            counts[evolution.state] = counts.get(evolution.state, 0) + 1
+        summary = ', '.join(f'{n} {state}' for state, n in counts.items())
+        _say(f'{len(status.evolutions)} evolutions: {summary}')
+        width = max(len(e.evolution_id) for e in status.evolutions)
+        for evolution in status.evolutions:
+            _say(f'  {evolution.evolution_id:<{width}}  {evolution.state:<8}  '
+                 f'{_status_detail(evolution)}')
+        _say(_lock_text(status.lock))
+        if status.unregistered:
+            _say('also in history but no longer registered (see history): '
+                 + ', '.join(r.evolution_id for r in status.unregistered))
+    return EXIT_OK if status.settled else EXIT_NOT_SETTLED
+
+
+def _history_detail(record, registered):
+    progress = _recorded_progress(record)
+    lines = [f'{record.evolution_id}{"" if registered else "  (not registered)"}',
+             f'  state:       {record.state}',
+             f'  attempts:    {record.attempts}',
+             f'  started:     {_when(record.started_at)}',
+             f'  finished:    {_when(record.finished_at)}',
+             f'  duration:    {_duration(record.duration_ms)}',
+             f'  owner:       {record.owner} (generation {record.generation})']
+    if progress:
+        lines.append(f'  progress:    {_progress_text(progress)}')
+    if record.fingerprint:
+        lines.append(f'  fingerprint: {record.fingerprint}')
+    if record.error:
+        lines.append('  error:')
+        lines.extend(f'    {line}' for line in record.error.rstrip().splitlines())
+    return lines
+
+
+def _history(service, opts):
+    rows = operations.history(service)
+    if opts.ids:
+        found = {record.evolution_id: (record, registered) for record, registered in rows}
+        missing = [i for i in opts.ids if i not in found]
+        if missing:
+            raise operations.OperationRefused(
+                f'history: nothing recorded for {", ".join(map(repr, missing))}')
+        rows = [found[i] for i in dict.fromkeys(opts.ids)]
+    if opts.json:
+        _print_json([dict({'id': r.evolution_id, 'registered': registered}, **_record_json(r),
+                          traceback=r.error, fingerprint=r.fingerprint)
+                     for r, registered in rows])
+    elif opts.ids:
+        for record, registered in rows:
+            _say(*_history_detail(record, registered))
+    elif not rows:
+        _say('history is empty')
+    else:
+        width = max(len(record.evolution_id) for record, _ in rows)
+        for record, registered in rows:
+            _say(f'  {record.evolution_id:<{width}}  {record.state:<8}  '
+                 f'{_when(record.started_at)}  {_duration(record.duration_ms):>8}  '
+                 f'{_attempts(record.attempts)}  '
+                 f'{record.owner}{"" if registered else "  (not registered)"}')
+            if record.error:
+                _say(f'  {"":<{width}}  {_error_summary(record.error)}')
+    return EXIT_OK
+
+
+def _plan(service, opts):
+    plan = operations.plan(service)
+    if opts.json:
+        _print_json({'steps': [{'id': i.evolution_id, 'action': i.action, 'reason': i.reason}
+                               for i in plan.items],
+                     'wait_for': _lock_json(plan.wait_for)})
+        return EXIT_OK
+    if not plan.items:
+        _say(f'nothing to do: all {len(service.evolutions)} evolutions are applied')
+        return EXIT_OK
+    if plan.wait_for is not None:
+        _say(f'run would first wait for the {_lock_text(plan.wait_for)}')
+    _say('run would, in order:')
+    width = max(len(i.evolution_id) for i in plan.items)
+    for number, item in enumerate(plan.items, 1):
+        _say(f'  {number}. {item.action:<5}  {item.evolution_id:<{width}}  {item.reason}')
+    return EXIT_OK
+
+
+# --- run and the writes --------------------------------------------------------------------------
+
+class _WaitReporter:
+    """Says once per lock holder that we are waiting for it."""
+
+    def __init__(self):
+        self._seen = None
+
+    def __call__(self, lock):
+        key = None if lock is None else (lock.owner, lock.generation)
+        if key == self._seen:
+            return
+        self._seen = key
+        _say(f'waiting for the {_lock_text(lock)}' if lock is not None
+             else 'waiting for the lock')
+
+
+class _ProgressDisplay(RunListener):
+    """Shows ``Evolution.progress()``: its failures are logged, never raised into
+    ``evolve()`` (a closed terminal must not fail an evolution)."""
+
+    _disabled = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def progress(self, evolution_id, done, total):
+        self._guard(self.show, evolution_id, done, total)
+
+    def finished(self, evolution_id):
+        self._guard(self.close)
+
+    def _guard(self, method, *args):
+        if self._disabled:
+            return
+        try:
+            method(*args)
+        except Exception as e:
+            self._disabled = True
+            log.warning('progress display disabled: %s: %s', type(e).__name__, e)
+
+    def show(self, evolution_id, done, total):
+        raise NotImplementedError
+
+    def close(self):
+        pass
+
+
+class _PlainProgress(_ProgressDisplay):
+    """``<id>: done/total (percent)`` lines, at most one a second, and the last one."""
+
+    def __init__(self):
+        self._shown = None
+        self._shown_at = 0.0
+
+    def show(self, evolution_id, done, total):
+        shown = (evolution_id, done, total)
+        now = time.monotonic()
+        if shown == self._shown:
+            return
+        complete = bool(total) and done >= total
+        same_evolution = self._shown is not None and self._shown[0] == evolution_id
+        if same_evolution and not complete and now - self._shown_at < PLAIN_PROGRESS_INTERVAL:
+            return
+        self._shown, self._shown_at = shown, now
+        _say(f'{evolution_id}: {_progress_text(_progress(done, total))}')
+
+    def close(self):
+        self._shown = None
+
+
+class _ProgressBars(_ProgressDisplay):
+    """One tqdm bar per evolution that reports progress; log lines print above the bars."""
+
+    def __init__(self, tqdm, redirect_logs):
+        self._tqdm = tqdm
+        self._redirect = redirect_logs()
+        self._bar = None
+
+    def __enter__(self):
+        self._redirect.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        self._redirect.__exit__(*exc)
+
+    def show(self, evolution_id, done, total):
+        if self._bar is None:
+            self._bar = self._tqdm(desc=evolution_id, total=total, dynamic_ncols=True)
+        elif total != self._bar.total:
+            self._bar.total = total
+        self._bar.update(done - self._bar.n)
+
+    def close(self):
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def _progress_display():
+    """Bars with tqdm (the ``cli`` extra) on a terminal, plain lines otherwise."""
+    if sys.stderr.isatty():
+        try:
+            from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
+        except ImportError:
+            pass
+        else:
+            return _ProgressBars(tqdm, logging_redirect_tqdm)
+    return _PlainProgress()
+
+
+def _run(service, opts):
+    with _progress_display() as display:
+        result = operations.run(service, listener=display, on_wait=_WaitReporter(),
+                                timeout=opts.timeout)
+    if result.applied:
+        _say(f'applied {len(result.applied)} evolution(s): {", ".join(result.applied)}')
+    if result.ok:
+        if not result.applied:
+            _say(f'nothing to do: all {len(service.evolutions)} evolutions are applied')
+        return EXIT_OK
+    if result.failed:
+        error = service.backend.read_history()[result.failed].error
+        _error(f'evolution {result.failed!r} failed: {_error_summary(error)} (traceback: '
+               f'gearbox evolve history {result.failed})')
+    else:
+        _error(f'stopped with evolutions still pending ({result.phase}): see the log above and '
+               f'gearbox evolve status')
+    return EXIT_NOT_SETTLED
+
+
+#: verb: (operation, what is said of the ids it changed, of those it left alone)
+_HISTORY_WRITES = {
+    'mark': (operations.mark, 'marked as applied', 'already applied, left as recorded'),
+    'unmark': (operations.unmark, 'forgotten (the next run runs them)', 'nothing recorded for'),
+}
+
+
+def _mark_or_unmark(service, opts):
+    operation, changed, unchanged = _HISTORY_WRITES[opts.verb]
+    result = operation(service, opts.ids, force=opts.force, on_wait=_WaitReporter(),
+                       timeout=opts.timeout)
+    for said, ids in ((changed, result.changed), (unchanged, result.unchanged)):
+        if ids:
+            _say(f'{said}: {", ".join(ids)}')
+    return EXIT_OK
+
+
+def _retry(service, opts):
+    cleared = operations.retry(service, opts.ids, on_wait=_WaitReporter(), timeout=opts.timeout)
+    for record in cleared:
+        _say(f'cleared the failed state of {record.evolution_id} ({_attempts(record.attempts)}, '
+             f'last: {_error_summary(record.error)}): the next run retries it')
+    return EXIT_OK
+
+
+def _release_lock(service, opts):
+    result = operations.release_lock(service, force=opts.force)
+    lock = result.lock
+    if result.action == 'free':
+        _say('the lock is free: nothing to release')
+    elif result.action == 'released':
+        _say(f'released the lock left by {lock.owner} (generation {lock.generation}, lease '
+             f'expired)')
+    else:
+        _say(f'broke the lock held by {lock.owner} (generation {lock.generation}); recorded as '
+             f'broken by {result.broken_by}')
+    return EXIT_OK
+
+
+_VERBS = {
+    'status': _status, 'history': _history, 'plan': _plan, 'run': _run,
+    'mark': _mark_or_unmark, 'unmark': _mark_or_unmark, 'retry': _retry,
+    'release-lock': _release_lock,
+}

@@ -1,0 +1,419 @@
+"""The protocol: plan, lock, re-plan, run, heartbeat, poll.
+
+Backend-agnostic: it talks to storage only through :class:`~.backends.base.Backend` and to
+the gate only through :class:`~.state.GateState`.  One :class:`Runner` per process and
+application, driven either by its own daemon thread (the web application) or in the foreground
+(``gearbox evolve run``).
+"""
+import logging
+import os
+import random
+import secrets
+import socket
+import threading
+import time
+import traceback
+
+from .backends.base import DEFAULT_LOCK_NAME, FAILED, ADOPTED
+from .errors import ConfigurationError, LeaseLost
+from .planning import fingerprints, plan
+from .state import (EVOLVING, FAILED as FAILED_PHASE, MISCONFIGURED, READY, SERVING_AFTER_FAILURE,
+                    UNREACHABLE, WAITING, GateState)
+
+log = logging.getLogger('tgext.evolve')
+
+#: Ceiling of the retry delay while the database cannot be reached.
+MAX_BACKOFF = 30.0
+#: Progress is written to storage at most this often (it doubles as a lease renewal).
+PROGRESS_WRITE_INTERVAL = 1.0
+#: Progress is logged at most this often.
+PROGRESS_LOG_INTERVAL = 5.0
+
+# What Runner.step() asks its driver to do next.
+DONE = 'done'  # the gate is open for good: stop
+WAIT = 'wait'  # poll again after poll_interval
+AGAIN = 'again'  # step again at once (the lock was just released)
+
+
+def make_owner():
+    """``host:pid:token``: PIDs repeat across hosts and containers, the token never does."""
+    return f'{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}'
+
+
+def legacy_adoptions(evolutions, legacy, history):
+    """Ids tgext.evolve 0.0.5 applied (every one up to its recorded version) that history lacks."""
+    ids = [e.evolution_id for e in evolutions]
+    if legacy is None or not legacy.version or legacy.version not in ids:
+        return []
+    return [i for i in ids[:ids.index(legacy.version) + 1] if i not in history]
+
+
+class RunListener:
+    """What a foreground driver hears while evolutions run (``gearbox evolve run`` draws its
+    progress bars from it).  Called in the thread running ``evolve()``: it must not raise."""
+
+    def progress(self, evolution_id, done, total):
+        """``Evolution.progress()`` was called (every call, unthrottled)."""
+
+    def finished(self, evolution_id):
+        """``evolve()`` returned or raised; the log says which."""
+
+
+class Heartbeat:
+    """Renews the lease every lease/3 and writes throttled progress, in its own thread."""
+
+    def __init__(self, runner, lease):
+        self._runner = runner
+        self.lease = lease
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._progress = None
+        self._guard = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name='tgext.evolve-heartbeat',
+                                        daemon=True)
+
+    def start(self):
+        self._thread.start()
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join()
+
+    def set_progress(self, evolution_id, done, total):
+        with self._guard:
+            self._progress = (evolution_id, done, total)
+
+    def _take_progress(self):
+        with self._guard:
+            progress, self._progress = self._progress, None
+            return progress
+
+    def _run(self):
+        backend = self._runner.backend
+        interval = self._runner.settings.heartbeat_interval
+        tick = min(interval, PROGRESS_WRITE_INTERVAL)
+        next_renewal = time.monotonic() + interval
+        failing = False
+        while not self._stop.wait(tick):
+            progress = self._take_progress()
+            if progress is None and time.monotonic() < next_renewal:
+                continue
+            try:
+                if progress is not None:
+                    backend.record_progress(self.lease, *progress)  # fenced: renews too
+                else:
+                    self.lease = backend.renew(self.lease)
+            except LeaseLost:
+                log.warning('lock lost: another process took over (lease of %s s expired); '
+                            'stopping before the next evolution', self.lease.lease_seconds)
+                self.lost.set()
+                return
+            except Exception as e:
+                # The lease may expire while the database is away; fencing keeps that safe.
+                if not failing:
+                    log.warning('cannot renew the lease: %s: %s', type(e).__name__, e)
+                failing = True
+                continue
+            if failing:
+                log.info('lease renewed again')
+                failing = False
+            next_renewal = time.monotonic() + interval
+
+
+class Runner:
+    """Runs the pending evolutions once across all processes sharing the database."""
+
+    def __init__(self, backend, evolutions, settings, *, config=None, state=None, owner=None,
+                 lock_name=DEFAULT_LOCK_NAME, listener=None):
+        self.backend = backend
+        self.evolutions = list(evolutions)
+        self.settings = settings
+        self.config = config
+        self.state = state if state is not None else GateState()
+        self.owner = owner or make_owner()
+        self.lock_name = lock_name
+        self.listener = listener or RunListener()
+        self.fingerprints = fingerprints(self.evolutions, config)
+        self.applied = []  # ids this runner applied, in order
+        self.failed = None  # id of the evolution that failed in this runner, if any
+        self._stop = threading.Event()
+        self._thread = None
+        self._storage_ready = False
+        self._failures_at_start = None
+        self._attempted = set()
+        self._waiting = False
+        self._last_note = None
+
+    # --- drivers -------------------------------------------------------------------------------
+
+    def start(self):
+        """Run in a daemon thread: the web application's way."""
+        self._thread = threading.Thread(target=self.run, name='tgext.evolve', daemon=True)
+        self._thread.start()
+        return self._thread
+
+    @property
+    def alive(self):
+        return self._thread is not None and self._thread.is_alive()
+
+    def stop(self, timeout=None):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def run(self, deadline=None):
+        """Step until the gate opens (or ``stop()``/``deadline``); returns the final phase."""
+        backoff = self.settings.poll_interval
+        while not self._stop.is_set():
+            try:
+                outcome = self.step()
+            except Exception as e:
+                if self.backend.is_busy(e):
+                    # 32 processes starting at once on one SQLite file can keep a read or a
+                    # write waiting past the driver's busy timeout: contention, not an outage.
+                    log.debug('database busy (%s), retrying at the next poll', e)
+                    delay = self.settings.poll_interval * random.uniform(0.85, 1.0)
+                else:
+                    self._note(('unreachable', type(e).__name__), logging.WARNING,
+                               'database unavailable (%s: %s); answering 503, retrying in up '
+                               'to %.0f s', type(e).__name__, e, MAX_BACKOFF)
+                    self.state.set_phase(UNREACHABLE)
+                    delay = backoff * random.uniform(0.85, 1.0)
+                    backoff = min(backoff * 2, MAX_BACKOFF)
+            else:
+                backoff = self.settings.poll_interval
+                if outcome == DONE:
+                    break
+                # Jitter spreads the polls of many processes started together; it only ever
+                # shortens the interval, so convergence stays within one poll_interval.
+                delay = 0 if outcome == AGAIN else (
+                    self.settings.poll_interval * random.uniform(0.85, 1.0))
+            if deadline is not None and time.monotonic() + delay > deadline:
+                break
+            if delay:
+                self._stop.wait(delay)
+        return self.state.phase
+
+    # --- one look at the database --------------------------------------------------------------
+
+    def step(self):
+        """Look at the database once and act; returns DONE, WAIT or AGAIN."""
+        try:
+            return self._step()
+        except ConfigurationError as e:
+            # A dependency neither registered nor done: known only once the history is read.
+            # Nothing runs until the deployment is fixed (or the history satisfies it).
+            self.state.set_phase(MISCONFIGURED)
+            self._note(('misconfigured', str(e)), logging.ERROR,
+                       'cannot run evolutions: %s; answering 503', e)
+            return WAIT
+
+    def _step(self):
+        if self._waiting:
+            # While another process holds a live lease, one indexed read per poll is enough.
+            lock = self.backend.read_lock(self.lock_name)
+            self._database_answered()
+            if lock is not None and lock.held and lock.owner != self.owner:
+                self._set_waiting(lock)
+                return WAIT
+            self._waiting = False
+        history = self._read_history()
+        self._database_answered()
+        if self._failures_at_start is None:
+            self._failures_at_start = {i: r.attempts for i, r in history.items()
+                                       if r.state == FAILED}
+        steps = plan(self.evolutions, history, self.fingerprints)
+        if not steps:
+            self._open(READY, 'all %d evolutions applied: serving', len(self.evolutions))
+            return DONE
+        if self._runnable(steps) == []:
+            return self._blocked(steps[0])
+        self._ensure_storage()
+        lease = self.backend.acquire(self.owner, self.settings.lease, self.lock_name)
+        if lease is None:
+            self._waiting = True
+            self._set_waiting(self.backend.read_lock(self.lock_name))
+            return WAIT
+        self._note(('lock', lease.generation), logging.INFO,
+                   'lock acquired (generation %d) by %s: %d evolution(s) pending',
+                   lease.generation, self.owner, len(steps))
+        self._run_locked(lease)
+        return AGAIN
+
+    def _database_answered(self):
+        # Here, not in run(): a step that succeeds logs its own news (lock acquired...), and
+        # the recovery must come first.
+        if self._last_note and self._last_note[0] == 'unreachable':
+            self._note(('reachable',), logging.INFO, 'database reachable again')
+
+    def _read_history(self):
+        try:
+            return self.backend.read_history()
+        except Exception:
+            if self._storage_ready:
+                raise
+            # A new database: create the tables, then read again (an outage raises here).
+            self._ensure_storage()
+            return self.backend.read_history()
+
+    def _ensure_storage(self):
+        if not self._storage_ready:
+            self.backend.ensure_storage()
+            self._storage_ready = True
+
+    def _retryable(self, step):
+        """A failure is retried once per process start, and only if nobody retried it since."""
+        record = step.record
+        if record is None or record.state != FAILED:
+            return True
+        evolution_id = step.evolution_id
+        return (evolution_id not in self._attempted
+                and self._failures_at_start.get(evolution_id) == record.attempts)
+
+    def _runnable(self, steps):
+        runnable = []
+        for step in steps:
+            if not self._retryable(step):
+                break
+            runnable.append(step)
+        return runnable
+
+    def _blocked(self, step):
+        record = step.record
+        if self.settings.on_failure == 'serve':
+            self._open(SERVING_AFTER_FAILURE,
+                       'evolution %r failed (%d attempts); on_failure = serve: serving without it',
+                       step.evolution_id, record.attempts)
+            return DONE
+        self.state.set_phase(FAILED_PHASE)
+        self._note(('blocked', step.evolution_id, record.attempts), logging.ERROR,
+                   'evolution %r failed (%d attempts); on_failure = block: answering 503 until it '
+                   'is fixed and retried (restart, or gearbox evolve retry %s)',
+                   step.evolution_id, record.attempts, step.evolution_id)
+        return WAIT
+
+    def _set_waiting(self, lock):
+        self.state.set_phase(WAITING)
+        holder = lock.owner if lock is not None else None
+        expires = lock.expires_in if lock is not None else None
+        self._note(('waiting', holder), logging.INFO,
+                   'evolutions pending, waiting for %s (lease expires in %s s)', holder,
+                   f'{expires:.1f}' if expires is not None else '?')
+
+    def _open(self, phase, message, *args):
+        self.state.set_phase(phase)
+        self._note((phase,), logging.WARNING if phase == SERVING_AFTER_FAILURE else logging.INFO,
+                   message, *args)
+
+    def _note(self, key, level, message, *args):
+        """Log one line per state change, never one per poll."""
+        if key != self._last_note:
+            self._last_note = key
+            log.log(level, message, *args)
+
+    # --- holding the lock ----------------------------------------------------------------------
+
+    def _run_locked(self, lease):
+        heartbeat = Heartbeat(self, lease)
+        heartbeat.start()
+        try:
+            self._adopt_legacy(heartbeat)
+            # Re-plan inside the lock: another process may have finished meanwhile.
+            history = self.backend.read_history()
+            for step in self._runnable(plan(self.evolutions, history, self.fingerprints)):
+                if heartbeat.lost.is_set() or self._stop.is_set():
+                    break
+                if not self._run_one(step, heartbeat):
+                    break
+        finally:
+            heartbeat.stop()
+            if not heartbeat.lost.is_set():
+                try:
+                    self.backend.release(heartbeat.lease)
+                except Exception as e:
+                    log.warning('could not release the lock (%s: %s); it expires in %s s',
+                                type(e).__name__, e, self.settings.lease)
+
+    def _adopt_legacy(self, heartbeat):
+        legacy = self.backend.read_legacy()
+        if legacy is None:
+            return
+        if legacy.lock_holder:
+            self._note(('legacy-lock',), logging.INFO,
+                       'ignoring the lock left by tgext.evolve 0.0.5 (process %s)',
+                       legacy.lock_holder)
+        if not legacy.version:
+            return
+        ids = [e.evolution_id for e in self.evolutions]
+        if legacy.version not in ids:
+            self._note(('legacy-unknown', legacy.version), logging.WARNING,
+                       'tgext.evolve 0.0.5 recorded %r as its last evolution, but no registered '
+                       'evolution has that id: adopting nothing', legacy.version)
+            return
+        history = self.backend.read_history()
+        adopt = legacy_adoptions(self.evolutions, legacy, history)
+        if adopt:
+            self.backend.record_states(heartbeat.lease, adopt, ADOPTED)
+            log.info('adopted %d evolution(s) applied by tgext.evolve 0.0.5, up to %r',
+                     len(adopt), legacy.version)
+
+    def _run_one(self, step, heartbeat):
+        evolution = step.evolution
+        evolution_id = step.evolution_id
+        fingerprint = self.fingerprints.get(evolution_id)
+        self.state.set_phase(EVOLVING)
+        self.state.progress = None  # the previous evolution's percentage is not this one's
+        self._attempted.add(evolution_id)
+        running = self.backend.record_running(heartbeat.lease, evolution_id, fingerprint)
+        log.info('evolving %r (%s, attempt %d)', evolution_id, step.reason, running.attempts)
+        evolution.config = self.config
+        evolution._progress_sink = _ProgressSink(self, evolution_id, heartbeat)
+        try:
+            record = self.backend.apply(heartbeat.lease, evolution_id, evolution.evolve,
+                                        fingerprint)
+        except LeaseLost:
+            heartbeat.lost.set()
+            log.warning('lock lost while %r ran: %s', evolution_id,
+                        'its work was rolled back' if self.backend.atomic_apply else
+                        'its work may be partly written and will run again (at-least-once)')
+            return False
+        except Exception as e:
+            if self.backend.is_transient(e) or self.backend.is_busy(e):
+                raise  # the connection died or the database was busy, not the evolution
+            error = traceback.format_exc()
+            self.failed = evolution_id
+            self.backend.record_failure(heartbeat.lease, evolution_id, error)
+            log.error('evolution %r failed (attempt %d); its work was rolled back:\n%s',
+                      evolution_id, running.attempts, error.rstrip())
+            return False
+        finally:
+            evolution._progress_sink = None
+            self.listener.finished(evolution_id)
+        self.applied.append(evolution_id)
+        log.info('applied %r in %.0f ms', evolution_id, record.duration_ms or 0)
+        return True
+
+
+class _ProgressSink:
+    """What ``Evolution.progress()`` calls: memory at once, storage and log throttled."""
+
+    def __init__(self, runner, evolution_id, heartbeat):
+        self._runner = runner
+        self._evolution_id = evolution_id
+        self._heartbeat = heartbeat
+        self._logged_at = 0.0
+
+    def __call__(self, done, total):
+        if self._heartbeat.lost.is_set():
+            raise LeaseLost(f'lock lost while {self._evolution_id!r} ran')
+        done = int(done)
+        total = None if total is None else int(total)
+        percent = min(100.0, 100.0 * done / total) if total else None
+        self._runner.state.progress = percent
+        self._heartbeat.set_progress(self._evolution_id, done, total)
+        self._runner.listener.progress(self._evolution_id, done, total)
+        now = time.monotonic()
+        if now - self._logged_at >= PROGRESS_LOG_INTERVAL:
+            self._logged_at = now
+            log.info('evolving %r: %d%s', self._evolution_id, done,
+                     f'/{total} ({percent:.0f}%)' if total else '')

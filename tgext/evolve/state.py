@@ -1,0 +1,41 @@
+"""What the gate knows: whether this process may serve, kept current by the runner."""
+import threading
+
+STARTING = 'starting'  # nothing read from the database yet
+UNREACHABLE = 'unreachable'  # the database cannot be reached; retrying with backoff
+WAITING = 'waiting'  # evolutions pending, another process holds the lock
+EVOLVING = 'evolving'  # this process holds the lock and runs evolutions
+FAILED = 'failed'  # an evolution failed and on_failure = block
+MISCONFIGURED = 'misconfigured'  # depends_on names an id neither registered nor done
+READY = 'ready'  # nothing pending: serve
+SERVING_AFTER_FAILURE = 'serving-after-failure'  # an evolution failed and on_failure = serve
+
+OPEN_PHASES = frozenset((READY, SERVING_AFTER_FAILURE))
+
+
+class GateState:
+    """One per application.  ``open`` is the only thing a request looks at once ready.
+
+    Open is final: once a process has served, it never answers 503 again.
+    """
+
+    def __init__(self):
+        self.open = False
+        self.phase = STARTING
+        self.progress = None  # percentage of the running evolution, when it reports one
+        self._first_look = threading.Event()
+
+    def set_phase(self, phase):
+        if self.open:
+            return
+        self.phase = phase
+        if phase != EVOLVING:
+            self.progress = None
+        if phase != STARTING:
+            self._first_look.set()
+        if phase in OPEN_PHASES:
+            self.open = True
+
+    def wait_first_look(self, timeout):
+        """Block until the runner has read the database once (or ``timeout`` passes)."""
+        return self._first_look.wait(timeout)
