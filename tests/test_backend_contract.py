@@ -1,0 +1,853 @@
+"""The backend contract: what every storage backend must do, tested on every database.
+
+This module is the definition of a backend (``tgext/evolve/backends/base.py`` is its prose).
+Each test is parametrised by the ``db`` harness of ``conftest.py`` over sqlite, postgresql, mysql
+(SQLAlchemyBackend) and mim, mongodb (MingBackend); each checks one behaviour.
+
+Two kinds of databases, two promises:
+
+* SQL backends are ``atomic_apply``: an evolution's work through the app session, its
+  ``applied`` record and the fencing check commit in one transaction, so a failure or a stolen
+  lease leaves no trace of the work.
+* MongoDB has no such transaction: writes the work already flushed stay (at-least-once, as the
+  docs say).  There the tests assert only what the contract promises: the exception propagates
+  unchanged, LeaseLost is raised, and no ``applied`` record is written.
+
+Waiting for a lease to expire is done by polling with a deadline, never by a fixed sleep.
+"""
+import os
+import threading
+import time
+import traceback
+from collections.abc import Mapping
+
+import pytest
+
+import backend_workers
+from tgext.evolve.backends.base import (
+    ADOPTED, APPLIED, DEFAULT_LOCK_NAME, FAILED, HISTORY_TABLE, LOCK_TABLE, MARKED,
+    MAX_ID_LENGTH, MAX_OWNER_LENGTH, RUNNING, Backend, HistoryRecord, Lease, LegacyState,
+    LockRecord)
+from tgext.evolve.errors import LeaseLost
+
+#: Slack for comparing two readings of the same clock taken around one call.
+CLOCK_TOLERANCE = 0.05
+#: A lease long enough never to expire during a test.
+LONG = 60.0
+#: A lease short enough to wait for its expiry.
+SHORT = 0.3
+#: How long to poll for something that should happen within a second or so.
+DEADLINE = 15.0
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+def wait_for(fn, timeout=DEADLINE, interval=0.05, what='condition'):
+    """Call ``fn`` until it returns something truthy; return it, or fail after ``timeout``."""
+    end = time.monotonic() + timeout
+    while True:
+        value = fn()
+        if value:
+            return value
+        if time.monotonic() > end:
+            raise AssertionError(f'{what} not reached within {timeout}s')
+        time.sleep(interval)
+
+
+def take_over(db, owner='owner-B', lease_seconds=LONG):
+    """Another process waits for the current lease to expire and takes the lock."""
+    thief = db.make_backend(with_session=False)
+    lease = wait_for(lambda: thief.acquire(owner, lease_seconds), what=f'takeover by {owner}')
+    return thief, lease
+
+
+def run_threads(n, target):
+    """Run ``target(i, barrier)`` in ``n`` threads started together; return results or raise."""
+    barrier = threading.Barrier(n)
+    results, errors = [None] * n, []
+
+    def runner(i):
+        try:
+            results[i] = target(i, barrier)
+        except BaseException:
+            errors.append(traceback.format_exc())
+
+    threads = [threading.Thread(target=runner, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(DEADLINE * 4)
+    assert not any(t.is_alive() for t in threads), 'threads still running after the deadline'
+    assert not errors, '\n'.join(errors)
+    return results
+
+
+class Boom(Exception):
+    """What a failing evolution raises."""
+
+
+@pytest.fixture(scope='module')
+def racers():
+    """Eight spawned processes, kept for the module, that race a backend call at once."""
+    pool = backend_workers.RacePool(8)
+    yield pool
+    pool.close()
+
+
+@pytest.fixture
+def backend(db):
+    """A backend with its stores created: the process under test."""
+    b = db.make_backend()
+    b.ensure_storage()
+    return b
+
+
+@pytest.fixture
+def lease(backend):
+    return backend.acquire('owner-A', LONG)
+
+
+# --- identity -----------------------------------------------------------------------------------
+
+def test_backend_is_a_backend_with_dialect(db):
+    b = db.make_backend()
+    assert isinstance(b, Backend)
+    assert b.dialect == db.dialect
+
+
+def test_atomic_apply_on_sql_only(db):
+    # SQL: work + history + fencing in one transaction; MongoDB: at-least-once.
+    assert db.make_backend().atomic_apply is db.is_sql
+
+
+# --- ensure_storage -----------------------------------------------------------------------------
+
+def test_ensure_storage_creates_lock_and_history_stores(db):
+    assert not {LOCK_TABLE, HISTORY_TABLE} & db.store_names()
+    db.make_backend().ensure_storage()
+    assert {LOCK_TABLE, HISTORY_TABLE} <= db.store_names()
+
+
+def test_ensure_storage_is_idempotent(db):
+    b = db.make_backend()
+    b.ensure_storage()
+    b.ensure_storage()
+    db.make_backend().ensure_storage()
+    assert b.read_history() == {}
+    assert b.read_lock() is None
+
+
+def test_ensure_storage_keeps_existing_data(db):
+    b = db.make_backend()
+    b.ensure_storage()
+    lease = b.acquire('owner-A', LONG)
+    b.record_running(lease, 'evo-1')
+    before = db.snapshot()
+    other = db.make_backend()
+    other.ensure_storage()
+    assert db.snapshot() == before
+    assert other.read_lock().generation == 1
+    assert other.read_history()['evo-1'].state == RUNNING
+
+
+def test_ensure_storage_concurrent_processes_on_empty_database(db, request):
+    if db.is_mim:
+        # MIM is an in-memory database inside this process: other processes cannot see it, and
+        # it is not thread-safe (no lock anywhere in ming/mim.py), so "concurrent" creators can
+        # only be several backend instances called one after the other.
+        for _ in range(8):
+            db.make_backend().ensure_storage()
+    else:
+        outcome = request.getfixturevalue('racers').run(db.kind, db.url, 'ensure_storage')
+        assert len(outcome) == 8
+    b = db.make_backend()
+    assert b.read_history() == {}
+    assert b.acquire('owner-A', LONG).generation == 1
+
+
+def test_ensure_storage_concurrent_threads_on_empty_database(db):
+    # MIM itself is not thread-safe; the backend must serialize its own MIM calls.
+    backends = [db.make_backend() for _ in range(8)]
+
+    def create(i, barrier):
+        barrier.wait(DEADLINE)
+        backends[i].ensure_storage()
+
+    run_threads(8, create)
+    assert db.make_backend().read_history() == {}
+
+
+# --- reading ------------------------------------------------------------------------------------
+
+def test_read_lock_is_none_before_first_acquire(backend):
+    assert backend.read_lock() is None
+
+
+def test_read_history_is_empty_mapping_before_any_record(backend):
+    history = backend.read_history()
+    assert isinstance(history, Mapping)
+    assert dict(history) == {}
+
+
+def test_read_history_returns_every_record_in_one_call(db, backend, lease):
+    marked = [f'evo-{i:03d}' for i in range(40)]
+    backend.record_states(lease, marked, MARKED)
+    backend.record_running(lease, 'evo-running')
+    backend.record_running(lease, 'evo-failed')
+    backend.record_failure(lease, 'evo-failed', 'Traceback: boom')
+
+    history = db.make_backend().read_history()
+
+    assert set(history) == set(marked) | {'evo-running', 'evo-failed'}
+    for evolution_id, record in history.items():
+        assert isinstance(record, HistoryRecord)
+        assert record.evolution_id == evolution_id
+    assert history['evo-000'].state == MARKED
+    assert history['evo-running'].state == RUNNING
+    assert history['evo-failed'].state == FAILED
+
+
+def test_read_history_is_one_query(db, backend, lease):
+    if not db.is_sql:
+        pytest.skip('statements are counted on SQL engines only')
+    backend.record_states(lease, [f'evo-{i:03d}' for i in range(25)], MARKED)
+    backend.read_history()  # warm up: first-connection dialect queries are not the backend's
+    with db.count_statements(backend) as statements:
+        history = backend.read_history()
+    assert len(history) == 25
+    assert len(statements) == 1, statements
+
+
+# --- acquiring ----------------------------------------------------------------------------------
+
+def test_acquire_on_empty_gives_generation_1(backend):
+    lease = backend.acquire('owner-A', LONG)
+    assert isinstance(lease, Lease)
+    assert lease.name == DEFAULT_LOCK_NAME
+    assert lease.owner == 'owner-A'
+    assert lease.generation == 1
+    assert lease.lease_seconds == LONG
+
+
+def test_acquire_writes_the_lock_record(db, backend):
+    lease = backend.acquire('owner-A', LONG)
+    record = db.make_backend().read_lock()
+    assert isinstance(record, LockRecord)
+    assert record.name == DEFAULT_LOCK_NAME
+    assert record.owner == 'owner-A'
+    assert record.generation == 1
+    assert record.held
+    assert record.released_by is None
+    for t in (record.acquired_at, record.renewed_at, record.expires_at, record.now):
+        assert isinstance(t, float)
+    assert record.renewed_at == pytest.approx(record.acquired_at, abs=CLOCK_TOLERANCE)
+    assert record.expires_at == pytest.approx(lease.expires_at, abs=1e-3)
+    assert record.expires_at - record.acquired_at == pytest.approx(LONG, abs=CLOCK_TOLERANCE)
+
+
+def test_second_owner_gets_none_while_held(db, backend, lease):
+    before = db.snapshot()
+    assert db.make_backend().acquire('owner-B', LONG) is None
+    assert db.snapshot() == before
+
+
+def test_lock_names_are_independent(db, backend):
+    a = backend.acquire('owner-A', LONG, name='lock-a')
+    b = db.make_backend().acquire('owner-B', LONG, name='lock-b')
+    assert (a.name, a.generation) == ('lock-a', 1)
+    assert (b.name, b.generation) == ('lock-b', 1)
+    assert backend.read_lock('lock-a').owner == 'owner-A'
+    assert backend.read_lock('lock-b').owner == 'owner-B'
+    assert backend.read_lock() is None
+
+
+def test_owner_of_max_length_round_trips(backend):
+    owner = 'h' * (MAX_OWNER_LENGTH - 20) + ':4242:' + 'x' * 14
+    assert len(owner) == MAX_OWNER_LENGTH
+    lease = backend.acquire(owner, LONG)
+    assert lease.owner == owner
+    assert backend.read_lock().owner == owner
+
+
+def test_takeover_after_expiry_bumps_generation(db, backend):
+    thief = db.make_backend(with_session=False)
+    thief.read_lock()  # connected before the clock starts
+    old = backend.acquire('owner-A', 1.5)
+    assert thief.acquire('owner-B', LONG) is None  # still held
+    new = wait_for(lambda: thief.acquire('owner-B', LONG), what='takeover')
+    assert new.generation == old.generation + 1 == 2
+    assert new.owner == 'owner-B'
+    record = backend.read_lock()
+    assert (record.owner, record.generation) == ('owner-B', 2)
+    # taken over only once the old lease had expired, by the same clock
+    assert record.acquired_at >= old.expires_at - CLOCK_TOLERANCE
+
+
+def test_release_then_acquire_by_another_owner_bumps_generation(db, backend, lease):
+    assert backend.release(lease) is True
+    released = backend.read_lock()
+    assert released.owner is None
+    assert released.generation == 1
+    assert not released.held
+    assert released.expires_in is None
+    other = db.make_backend().acquire('owner-B', LONG)
+    assert (other.owner, other.generation) == ('owner-B', 2)
+
+
+def test_release_twice_returns_false(backend, lease):
+    assert backend.release(lease) is True
+    assert backend.release(lease) is False
+
+
+# --- renewing -----------------------------------------------------------------------------------
+
+def test_renew_extends_expiry_and_keeps_generation(backend):
+    started = time.monotonic()
+    lease = backend.acquire('owner-A', 5.0)
+    time.sleep(0.1)
+    renewed = backend.renew(lease)
+    elapsed = time.monotonic() - started
+    assert (renewed.name, renewed.owner, renewed.generation, renewed.lease_seconds) == (
+        lease.name, lease.owner, lease.generation, lease.lease_seconds)
+    # pushed forward by the time that passed: sub-second precision, no rounding to seconds
+    assert 0.1 - 0.01 <= renewed.expires_at - lease.expires_at <= elapsed + 0.01
+    record = backend.read_lock()
+    assert record.generation == 1
+    assert record.expires_at == pytest.approx(renewed.expires_at, abs=1e-3)
+    assert record.renewed_at > record.acquired_at
+
+
+def test_renew_after_expiry_succeeds_while_nobody_took_over(backend):
+    # Fencing is on (owner, generation): a late heartbeat still owns an unclaimed lock.
+    lease = backend.acquire('owner-A', SHORT)
+    wait_for(lambda: not backend.read_lock().held, what='expiry')
+    renewed = backend.renew(lease)
+    assert renewed.generation == lease.generation
+    assert backend.read_lock().held
+
+
+# --- the clock ----------------------------------------------------------------------------------
+
+def test_now_is_close_to_real_time_with_subsecond_precision(backend):
+    started = time.monotonic()
+    first = backend.now()
+    time.sleep(0.05)
+    second = backend.now()
+    elapsed = time.monotonic() - started
+    assert isinstance(first, float)
+    assert abs(first - time.time()) < 5
+    # advanced by the time that passed: sub-second precision, no rounding to seconds
+    assert 0.05 - 0.01 <= second - first <= elapsed + 0.01
+
+
+def test_acquire_expiry_is_now_plus_lease(backend):
+    before = backend.now()
+    lease = backend.acquire('owner-A', 7.5)
+    after = backend.now()
+    assert before + 7.5 - CLOCK_TOLERANCE <= lease.expires_at <= after + 7.5 + CLOCK_TOLERANCE
+    record = backend.read_lock()
+    assert before - CLOCK_TOLERANCE <= record.acquired_at <= after + CLOCK_TOLERANCE
+
+
+def test_read_lock_reports_now_held_and_expires_in(backend):
+    lease = backend.acquire('owner-A', 10.0)
+    before = backend.now()
+    record = backend.read_lock()
+    after = backend.now()
+    assert before - CLOCK_TOLERANCE <= record.now <= after + CLOCK_TOLERANCE
+    assert record.held
+    assert record.expires_in == pytest.approx(lease.expires_at - record.now, abs=1e-3)
+    assert lease.expires_at - after - CLOCK_TOLERANCE <= record.expires_in <= 10.0 + 1e-3
+
+
+def test_read_lock_reports_expired_lease_as_not_held(backend):
+    backend.acquire('owner-A', SHORT)
+    record = wait_for(lambda: (lambda r: r if not r.held else None)(backend.read_lock()),
+                      what='expiry')
+    assert record.owner == 'owner-A'
+    assert record.expires_in <= 0
+
+
+def test_lease_times_come_from_the_database_clock(db, backend, monkeypatch):
+    if not db.is_sql:
+        pytest.skip('the Ming backend uses the client clock (documented skew tolerance)')
+    real_time = time.time
+    skewed = lambda: real_time() + 3600.0  # noqa: E731 - this host's clock is an hour fast
+    monkeypatch.setattr(time, 'time', skewed)
+    try:
+        now = backend.now()
+        lease = backend.acquire('owner-A', 10.0)
+    finally:
+        monkeypatch.undo()
+    assert abs(now - real_time()) < 5
+    assert abs(lease.expires_at - (real_time() + 10.0)) < 5
+
+
+# --- fencing ------------------------------------------------------------------------------------
+
+def _fenced_calls(db):
+    """Each fenced write, with the stale lease: every one must raise LeaseLost."""
+    return {
+        'renew': lambda b, lease: b.renew(lease),
+        'record_running_new': lambda b, lease: b.record_running(lease, 'evo-new'),
+        'record_running_existing': lambda b, lease: b.record_running(lease, 'evo-1'),
+        'apply': lambda b, lease: b.apply(lease, 'evo-1', lambda: db.write_side_effect('evo-1')),
+        'record_failure': lambda b, lease: b.record_failure(lease, 'evo-1', 'Traceback'),
+        'record_progress': lambda b, lease: b.record_progress(lease, 'evo-1', 5, 10),
+        'record_states': lambda b, lease: b.record_states(lease, ['evo-1', 'evo-new'], MARKED),
+        'delete_history': lambda b, lease: b.delete_history(lease, ['evo-1', 'evo-2']),
+    }
+
+
+FENCED = ['renew', 'record_running_new', 'record_running_existing', 'apply', 'record_failure',
+          'record_progress', 'record_states', 'delete_history']
+
+
+@pytest.fixture
+def stale(db, backend):
+    """A's lease expired and B took the lock over: A holds a stale lease."""
+    old = backend.acquire('owner-A', SHORT)
+    backend.record_running(old, 'evo-1')
+    backend.record_states(old, ['evo-2'], MARKED)
+    thief, new = take_over(db)
+    return backend, old, thief, new
+
+
+@pytest.mark.parametrize('call', FENCED)
+def test_fenced_write_after_takeover_raises_lease_lost(db, stale, call):
+    backend, old, thief, new = stale
+    before = db.snapshot()
+    with pytest.raises(LeaseLost):
+        _fenced_calls(db)[call](backend, old)
+    assert db.snapshot() == before
+    assert thief.read_lock().owner == 'owner-B'
+    if call == 'apply' and db.is_sql:
+        assert db.count_side_effects('evo-1') == 0
+
+
+def test_release_after_takeover_returns_false_and_changes_nothing(db, stale):
+    backend, old, thief, new = stale
+    before = db.snapshot()
+    assert backend.release(old) is False
+    assert db.snapshot() == before
+    assert thief.read_lock().held
+
+
+def test_fencing_checks_generation_not_only_owner(db, backend):
+    # The same owner string acquiring again (e.g. after its lease expired) gets a new
+    # generation: the older lease must be dead even though the owner matches.
+    old = backend.acquire('same-owner', SHORT)
+    _, new = take_over(db, owner='same-owner')
+    assert new.generation == old.generation + 1
+    before = db.snapshot()
+    with pytest.raises(LeaseLost):
+        backend.renew(old)
+    with pytest.raises(LeaseLost):
+        backend.record_running(old, 'evo-1')
+    assert backend.release(old) is False
+    assert db.snapshot() == before
+
+
+def test_fenced_write_after_own_release_raises_lease_lost(db, backend, lease):
+    assert backend.release(lease)
+    before = db.snapshot()
+    with pytest.raises(LeaseLost):
+        backend.renew(lease)
+    with pytest.raises(LeaseLost):
+        backend.record_running(lease, 'evo-1')
+    assert db.snapshot() == before
+
+
+def test_fenced_writes_succeed_for_the_new_holder(db, stale):
+    backend, old, thief, new = stale
+    thief.record_running(new, 'evo-1')
+    assert thief.renew(new).generation == new.generation
+    assert backend.read_history()['evo-1'].generation == new.generation
+
+
+# --- break_lock ---------------------------------------------------------------------------------
+
+def test_break_lock_bumps_generation_and_clears_owner(db, backend, lease):
+    broken = db.make_backend().break_lock('operator@ops-host')
+    assert isinstance(broken, LockRecord)
+    assert (broken.owner, broken.generation) == ('owner-A', 1)
+    record = backend.read_lock()
+    assert record.owner is None
+    assert record.generation == 2
+    assert record.released_by == 'operator@ops-host'
+    assert not record.held
+
+
+def test_break_lock_fences_the_old_lease(db, backend, lease):
+    db.make_backend().break_lock('operator@ops-host')
+    before = db.snapshot()
+    with pytest.raises(LeaseLost):
+        backend.renew(lease)
+    with pytest.raises(LeaseLost):
+        backend.record_running(lease, 'evo-1')
+    assert backend.release(lease) is False
+    assert db.snapshot() == before
+
+
+def test_acquire_after_break_lock(db, backend, lease):
+    db.make_backend().break_lock('operator@ops-host')
+    new = db.make_backend().acquire('owner-B', LONG)
+    assert (new.owner, new.generation) == ('owner-B', 3)
+
+
+def test_break_lock_never_acquired_returns_none(backend):
+    assert backend.break_lock('operator@ops-host') is None
+
+
+# --- history writes -----------------------------------------------------------------------------
+
+def test_record_running_creates_running_record(backend, lease):
+    before = backend.now()
+    returned = backend.record_running(lease, 'evo-1', fingerprint='sha256:abc')
+    record = backend.read_history()['evo-1']
+    assert returned == record
+    assert record.state == RUNNING
+    assert record.attempts == 1
+    assert (record.owner, record.generation) == ('owner-A', 1)
+    assert record.fingerprint == 'sha256:abc'
+    assert isinstance(record.started_at, float)
+    assert before - CLOCK_TOLERANCE <= record.started_at <= backend.now() + CLOCK_TOLERANCE
+    assert not record.done
+
+
+def test_record_running_increments_attempts_across_retries(db, backend, lease):
+    assert backend.record_running(lease, 'evo-1').attempts == 1
+    backend.record_failure(lease, 'evo-1', 'Traceback 1')
+    assert backend.record_running(lease, 'evo-1').attempts == 2
+    backend.record_failure(lease, 'evo-1', 'Traceback 2')
+    assert backend.release(lease)
+    other = db.make_backend()
+    new = other.acquire('owner-B', LONG)
+    third = other.record_running(new, 'evo-1')
+    assert third.attempts == 3
+    assert (third.owner, third.generation, third.state) == ('owner-B', 2, RUNNING)
+    assert backend.read_history()['evo-1'].attempts == 3
+
+
+def test_evolution_id_of_max_length_round_trips(backend, lease):
+    evolution_id = 'e' * MAX_ID_LENGTH
+    backend.record_running(lease, evolution_id)
+    assert backend.read_history()[evolution_id].evolution_id == evolution_id
+
+
+def _real_traceback():
+    def inner():
+        raise Boom('d\u00e9j\u00e0 vu \u2713 ' + 'x' * 5000)
+    try:
+        inner()
+    except Boom:
+        return traceback.format_exc()
+
+
+def test_record_failure_stores_traceback_text(db, backend, lease):
+    backend.record_running(lease, 'evo-1')
+    text = _real_traceback()
+    assert len(text) > 5000
+    returned = backend.record_failure(lease, 'evo-1', text)
+    record = db.make_backend().read_history()['evo-1']
+    assert returned == record
+    assert record.state == FAILED
+    assert record.error == text
+    assert record.attempts == 1
+    assert (record.owner, record.generation) == ('owner-A', 1)
+    assert record.finished_at >= record.started_at
+    assert record.duration_ms is not None and record.duration_ms >= 0
+    assert not record.done
+
+
+def test_record_failure_without_running_record(db, backend, lease):
+    # No precondition in the contract: a failure is recordable even if `running` never was.
+    record = backend.record_failure(lease, 'evo-1', 'Traceback')
+    assert (record.state, record.error) == (FAILED, 'Traceback')
+    assert db.make_backend().read_history()['evo-1'].state == FAILED
+
+
+def test_record_progress_stores_progress(backend, lease):
+    backend.record_running(lease, 'evo-1')
+    backend.record_progress(lease, 'evo-1', 5, 10)
+    record = backend.read_history()['evo-1']
+    assert (record.progress_done, record.progress_total) == (5, 10)
+    backend.record_progress(lease, 'evo-1', 7, 10)
+    record = backend.read_history()['evo-1']
+    assert (record.progress_done, record.progress_total, record.state) == (7, 10, RUNNING)
+
+
+def test_record_states_adds_records_and_keeps_done_ones(db, backend, lease):
+    backend.record_running(lease, 'applied-1')
+    backend.apply(lease, 'applied-1', lambda: None)
+    backend.record_states(lease, ['marked-1'], MARKED)
+    backend.record_running(lease, 'failed-1')
+    backend.record_failure(lease, 'failed-1', 'Traceback')
+    backend.record_running(lease, 'running-1')
+    kept = {k: v for k, v in backend.read_history().items() if k in ('applied-1', 'marked-1')}
+
+    ids = ['applied-1', 'marked-1', 'failed-1', 'running-1', 'new-1']
+    backend.record_states(lease, (i for i in ids), ADOPTED)  # any iterable, even a generator
+
+    history = db.make_backend().read_history()
+    assert set(history) == set(ids)
+    assert history['applied-1'] == kept['applied-1']
+    assert history['marked-1'] == kept['marked-1']
+    for evolution_id in ('failed-1', 'running-1', 'new-1'):
+        assert history[evolution_id].state == ADOPTED
+        assert history[evolution_id].done
+
+
+def test_delete_history_returns_how_many_were_deleted(db, backend, lease):
+    backend.record_states(lease, ['a', 'b', 'c'], MARKED)
+    assert backend.delete_history(lease, iter(['a', 'b', 'not-there'])) == 2
+    assert set(db.make_backend().read_history()) == {'c'}
+    assert backend.delete_history(lease, []) == 0
+
+
+# --- apply --------------------------------------------------------------------------------------
+
+def test_apply_commits_work_and_applied_record(db, backend, lease):
+    backend.record_running(lease, 'evo-1')
+    calls = []
+
+    def work():
+        calls.append(1)
+        db.write_side_effect('evo-1')
+
+    returned = backend.apply(lease, 'evo-1', work, fingerprint='sha256:abc')
+    assert calls == [1]
+    assert db.count_side_effects('evo-1') == 1
+    record = db.make_backend().read_history()['evo-1']
+    assert returned == record
+    assert record.state == APPLIED
+    assert record.done
+    assert record.attempts == 1
+    assert (record.owner, record.generation) == ('owner-A', 1)
+    assert record.fingerprint == 'sha256:abc'
+    assert record.finished_at >= record.started_at
+    assert record.duration_ms is not None and record.duration_ms >= 0
+    assert record.error is None
+
+
+def test_apply_commits_unflushed_session_work(db, backend, lease):
+    if not db.is_sql:
+        pytest.skip('SQL only: the transaction manager flushes the session at commit')
+    backend.record_running(lease, 'evo-1')
+    backend.apply(lease, 'evo-1', lambda: db.write_side_effect('evo-1', flush=False))
+    assert db.count_side_effects('evo-1') == 1
+
+
+def test_apply_without_running_record_records_applied(db, backend, lease):
+    # The runner writes `running` first, but the contract sets no such precondition (the CLI
+    # or a caller that skipped record_running must still get an `applied` record).
+    record = backend.apply(lease, 'evo-1', lambda: db.write_side_effect('evo-1'))
+    assert record.state == APPLIED
+    assert db.make_backend().read_history()['evo-1'].state == APPLIED
+    assert db.count_side_effects('evo-1') == 1
+
+
+def test_apply_clears_error_of_an_earlier_failure(backend, lease):
+    backend.record_running(lease, 'evo-1')
+    backend.record_failure(lease, 'evo-1', 'Traceback')
+    backend.record_running(lease, 'evo-1')
+    record = backend.apply(lease, 'evo-1', lambda: None)
+    assert (record.state, record.attempts, record.error) == (APPLIED, 2, None)
+
+
+def test_apply_work_raising_propagates_unchanged_and_records_nothing(db, backend, lease):
+    backend.record_running(lease, 'evo-1')
+    before = db.snapshot()
+    error = Boom('evolution failed')
+
+    def work():
+        db.write_side_effect('evo-1')
+        raise error
+
+    with pytest.raises(Boom) as raised:
+        backend.apply(lease, 'evo-1', work)
+    assert raised.value is error
+    record = backend.read_history()['evo-1']
+    assert record.state == RUNNING  # not applied, and not failed: record_failure does that
+    if db.is_sql:
+        assert db.count_side_effects('evo-1') == 0
+        assert db.snapshot() == before
+    # MongoDB: the flushed side effect stays (at-least-once); nothing more is promised.
+
+
+def test_apply_work_raising_leaves_lease_and_session_usable(db, backend, lease):
+    backend.record_running(lease, 'evo-1')
+
+    def failing():
+        db.write_side_effect('evo-1')
+        raise Boom()
+
+    with pytest.raises(Boom):
+        backend.apply(lease, 'evo-1', failing)
+    assert backend.renew(lease).generation == 1
+    backend.record_failure(lease, 'evo-1', 'Traceback')
+    backend.record_running(lease, 'evo-1')
+    backend.apply(lease, 'evo-1', lambda: db.write_side_effect('evo-1-retry'))
+    assert backend.read_history()['evo-1'].state == APPLIED
+    assert db.count_side_effects('evo-1-retry') == 1
+
+
+def test_apply_lease_stolen_during_work_raises_lease_lost(db, backend):
+    lease = backend.acquire('owner-A', SHORT)
+    backend.record_running(lease, 'evo-1')
+    thief = db.make_backend(with_session=False)
+    stolen = []
+
+    def work():
+        # The evolution outlives its lease (a long pause without heartbeat) and another
+        # process takes the lock over; then the evolution writes.
+        stolen.append(wait_for(lambda: thief.acquire('owner-B', LONG), what='takeover'))
+        db.write_side_effect('evo-1')
+
+    with pytest.raises(LeaseLost):
+        backend.apply(lease, 'evo-1', work)
+    assert stolen and stolen[0].generation == 2
+    record = backend.read_history()['evo-1']
+    assert record.state != APPLIED
+    assert thief.read_lock().owner == 'owner-B'
+    if db.is_sql:
+        # atomic_apply: the work is rolled back with everything else
+        assert db.count_side_effects('evo-1') == 0
+        assert (record.state, record.generation) == (RUNNING, 1)
+
+
+# --- legacy (tgext.evolve 0.0.5) ----------------------------------------------------------------
+
+def test_read_legacy_none_without_legacy_store(db):
+    b = db.make_backend()
+    assert b.read_legacy() is None  # before ensure_storage: no table at all
+    b.ensure_storage()
+    assert b.read_legacy() is None
+
+
+def test_read_legacy_none_when_legacy_store_empty(db, backend):
+    db.create_legacy([])
+    assert backend.read_legacy() is None
+
+
+def test_read_legacy_reads_version_and_lock_holder(db, backend):
+    if db.is_sql:
+        db.create_legacy([('version', 'add_slugs'), ('lock', '1234')])
+    else:
+        db.create_legacy([{'type': 'version', 'current': 'add_slugs'},
+                          {'type': 'lock', 'process': 1234}])
+    assert backend.read_legacy() == LegacyState('add_slugs', '1234')
+
+
+def test_read_legacy_version_without_lock(db, backend):
+    if db.is_sql:
+        db.create_legacy([('version', 'add_slugs')])  # 0.0.5 deletes its lock row on unlock
+    else:
+        db.create_legacy([{'type': 'version', 'current': 'add_slugs'},
+                          {'type': 'lock', 'process': None}])  # 0.0.5 sets process None
+    assert backend.read_legacy() == LegacyState('add_slugs', None)
+
+
+def test_read_legacy_works_before_ensure_storage(db):
+    if db.is_sql:
+        db.create_legacy([('version', 'add_slugs')])
+    else:
+        db.create_legacy([{'type': 'version', 'current': 'add_slugs'}])
+    assert db.make_backend().read_legacy() == LegacyState('add_slugs', None)
+
+
+# --- many acquirers at once ---------------------------------------------------------------------
+
+def _prepare_lock(db, backend, state):
+    """Put the lock in ``state`` and return the generation the race winner must get."""
+    if state == 'empty':
+        return 1
+    lease = backend.acquire('owner-previous', SHORT if state == 'expired' else LONG)
+    if state == 'released':
+        assert backend.release(lease)
+    else:
+        wait_for(lambda: not backend.read_lock().held, what='expiry')
+    return 2
+
+
+@pytest.mark.parametrize('state', ['empty', 'released', 'expired'])
+def test_concurrent_acquire_processes_exactly_one_wins(db, backend, state, request):
+    generation = _prepare_lock(db, backend, state)
+    if db.is_mim:
+        # MIM exists only inside this process and is not thread-safe: the racers can only be
+        # separate backend instances taking turns.
+        outcome = {}
+        for i in range(8):
+            lease = db.make_backend().acquire(f'racer-{i}', LONG)
+            outcome[f'racer-{i}'] = None if lease is None else lease.generation
+    else:
+        outcome = request.getfixturevalue('racers').run(db.kind, db.url, 'acquire')
+    winners = {owner: gen for owner, gen in outcome.items() if gen is not None}
+    assert len(outcome) == 8
+    assert len(winners) == 1, outcome
+    (owner, won_generation), = winners.items()
+    assert won_generation == generation
+    record = backend.read_lock()
+    assert (record.owner, record.generation) == (owner, generation)
+
+
+@pytest.mark.parametrize('state', ['empty', 'released', 'expired'])
+def test_concurrent_acquire_threads_sharing_one_backend_exactly_one_wins(db, backend, state):
+    # MIM itself is not thread-safe; the backend must serialize its own MIM calls.
+    generation = _prepare_lock(db, backend, state)
+    shared = db.make_backend(with_session=False)
+
+    def acquire(i, barrier):
+        barrier.wait(DEADLINE)
+        return shared.acquire(f'racer-{i}', LONG)
+
+    leases = run_threads(8, acquire)
+    winners = [lease for lease in leases if lease is not None]
+    assert len(winners) == 1, leases
+    assert winners[0].generation == generation
+    assert backend.read_lock().owner == winners[0].owner
+
+
+# --- process life cycle -------------------------------------------------------------------------
+
+def test_dispose_after_fork_leaves_the_parent_connections_working(db, backend):
+    # gunicorn --preload / uWSGI fork after the app (and its backend) exist.  The child must be
+    # able to use the backend after dispose_after_fork(), and must not have closed the
+    # connections it inherited: they are the parent's too.
+    backend.read_history()  # the parent now holds a pooled connection / client socket
+    pid = os.fork()
+    if pid == 0:  # the child: never return into pytest
+        code = 3
+        try:
+            backend.dispose_after_fork()
+            code = 0 if backend.acquire('child', LONG) is not None else 1
+        except BaseException:
+            traceback.print_exc()
+            code = 2
+        finally:
+            os._exit(code)
+    end = time.monotonic() + DEADLINE
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > end:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail('the forked child did not finish')
+        time.sleep(0.05)
+    assert os.waitstatus_to_exitcode(status) == 0
+    record = backend.read_lock()  # the parent's inherited connection still works
+    if not db.is_mim:  # a MIM child writes to its own copy of the memory
+        assert record.owner == 'child'
+    assert backend.read_history() == {}
+
+
+def test_close_leaves_the_application_session_alone(db, backend):
+    # close() releases the backend's own connections, not the application's: an object the
+    # app has pending in its session must still be there.
+    db.write_side_effect('pending', flush=False)
+    pending = db.pending_objects()
+    assert len(pending) == 1
+    backend.close()
+    assert db.pending_objects() == pending
