@@ -1,0 +1,98 @@
+"""Start-up on an evolved database: app creation to first 200, with vs without tgext.evolve.
+
+Per database: evolve a new database once, then start the hello-world app in fresh processes,
+alternating bare / with tgext.evolve, :data:`ROUNDS` times each (after one warm-up pair that
+is not counted).  Each process measures, on its own clock, the seconds from the start of
+``make_wsgi_app`` (TG's "make_app": app creation) to the first 200 of a request through the
+WSGI callable.  With tgext.evolve the first request waits for the runner's first look at the
+database, so that read is included.  Wall-clock time on a shared machine is noisy, and other
+processes only ever add to it: the figure is the ratio of the fastest start-ups of each variant
+(the ratio of the medians is shown beside it).
+
+Also shown, for information: the seconds the process spends before app creation importing
+tgext.evolve and calling ``plugme`` (what the application's ``app_cfg.py`` does on import).
+
+    python bench/bench_startup.py [--db ...] [--rounds N]
+"""
+import statistics
+
+import _harness
+
+ROUNDS = 20
+TARGET = 1.05
+
+
+#: What ``/`` does (see ``_apps.make_configurator``): the hello world never opens a database
+#: connection, so with it tgext.evolve's first look pays the process's first connection alone;
+#: a page that reads the database pays that connection with or without tgext.evolve.
+PAGES = ('hello', 'query')
+
+
+def _job(url, workdir, plugged, page):
+    return dict(mode='startup', url=url, dir=workdir, plugged=plugged, page=page)
+
+
+def evolve_database(url, workdir):
+    """Apply the benchmark evolution to a new database, in a process of its own."""
+    _harness.finish_evolution(workdir)
+    with _harness.cluster() as processes:
+        processes.append(_harness.start_member(url, workdir, 'evolver', {}))
+        report = _harness.wait_for_reports(workdir, ['evolver'], processes)['evolver']
+    if report['first_200'] is None:
+        raise RuntimeError('the evolver never served a 200')
+
+
+def _milliseconds(runs, key, summary=min):
+    return 1e3 * summary(m[key] for m in runs)
+
+
+def measure_page(kind, url, workdir, page, rounds):
+    """Alternate bare / with tgext.evolve ``rounds`` times; report the ratio of the fastest.
+
+    Another process on the machine can only make a start-up slower, never faster, so the
+    fastest of many runs is the best estimate of what start-up costs by itself.
+    """
+    measured = {False: [], True: []}
+    for plugged in (False, True):  # warm-up: bytecode cache, OS caches
+        _harness.measure(_job(url, workdir, plugged, page))
+    for round_number in range(rounds):
+        # Alternate who goes first, so that a slow spell hurts both alike.
+        order = (False, True) if round_number % 2 == 0 else (True, False)
+        for plugged in order:
+            measured[plugged].append(_harness.measure(_job(url, workdir, plugged, page)))
+    for plugged, runs in measured.items():
+        _harness.info(
+            f'{page:<5} {"evolve" if plugged else "bare":<6} fastest '
+            f'{_milliseconds(runs, "seconds"):6.1f} ms to first 200 (median '
+            f'{_milliseconds(runs, "seconds", statistics.median):.1f}); fastest make_wsgi_app '
+            f'{_milliseconds(runs, "make_wsgi_app"):.1f} ms, first request '
+            f'{_milliseconds(runs, "first_request"):.1f} ms, CPU {_milliseconds(runs, "cpu"):.1f}'
+            f' ms; before it, imports + plugme {_milliseconds(runs, "configure"):.1f} ms')
+
+    def ratio(key, summary=min):
+        return (_milliseconds(measured[True], key, summary)
+                / _milliseconds(measured[False], key, summary))
+
+    _harness.report(f'start-up, {page} page', kind, ratio('seconds'), TARGET, 'x',
+                    detail=f'ratio of medians {ratio("seconds", statistics.median):.3f}; '
+                           f'CPU {ratio("cpu"):.3f}x (information only)')
+
+
+def run(kind, rounds=ROUNDS, pages=PAGES):
+    with _harness.scenario(kind) as (url, workdir):
+        evolve_database(url, workdir)
+        for page in pages:
+            measure_page(kind, url, workdir, page, rounds)
+
+
+def main(argv=None):
+    p = _harness.parser(__doc__.splitlines()[0])
+    p.add_argument('--rounds', type=int, default=ROUNDS)
+    p.add_argument('--page', nargs='+', choices=PAGES, default=PAGES)
+    args = p.parse_args(argv)
+    for kind in _harness.selected_kinds(args.db):
+        run(kind, args.rounds, args.page)
+
+
+if __name__ == '__main__':
+    main()
