@@ -98,7 +98,7 @@ def heartbeat_with_progress(kind):
 def run(kind, runs=RUNS, waiters=WAITERS):
     measured = [run_once(kind, waiters) for _ in range(runs)]
     loads, heartbeats, convergences = zip(*measured)
-    _harness.report(f'database load while waiting', kind, statistics.median(loads),
+    _harness.report('database load while waiting', kind, statistics.median(loads),
                     LOAD_FACTOR * waiters / POLL_INTERVAL, ' /s', spread=loads,
                     detail=f'{waiters} waiters, poll_interval {POLL_INTERVAL:g} s')
     _harness.report('heartbeat cost', kind, statistics.median(heartbeats),

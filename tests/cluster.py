@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 
@@ -23,6 +22,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
 import procapp
+import polling
 from tgext.evolve.backends.sqlalchemy import SQLAlchemyBackend
 
 TESTS_DIR = pathlib.Path(__file__).resolve().parent
@@ -42,15 +42,7 @@ TROUBLE = re.compile(r'Traceback|\b(ERROR|CRITICAL) |WARNING tgext\.evolve:')
 
 
 def wait_until(condition, what, timeout=DEADLINE, interval=POLL):
-    """Call ``condition()`` until it returns something truthy; return it, or fail."""
-    end = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise AssertionError(f'{what}: not reached within {timeout:.0f} s')
-        time.sleep(interval)
+    return polling.wait_until(condition, what, timeout, interval)
 
 
 def child_environment():

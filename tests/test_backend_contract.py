@@ -24,6 +24,7 @@ from collections.abc import Mapping
 import pytest
 
 import backend_workers
+import polling
 from tgext.evolve.backends.base import (
     ADOPTED, APPLIED, DEFAULT_LOCK_NAME, FAILED, HISTORY_TABLE, LOCK_TABLE, MARKED,
     MAX_ID_LENGTH, MAX_OWNER_LENGTH, RUNNING, Backend, HistoryRecord, Lease, LegacyState,
@@ -42,16 +43,8 @@ DEADLINE = 15.0
 
 # --- helpers ------------------------------------------------------------------------------------
 
-def wait_for(fn, timeout=DEADLINE, interval=0.05, what='condition'):
-    """Call ``fn`` until it returns something truthy; return it, or fail after ``timeout``."""
-    end = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise AssertionError(f'{what} not reached within {timeout}s')
-        time.sleep(interval)
+def wait_for(condition, what, timeout=DEADLINE):
+    return polling.wait_until(condition, what, timeout, interval=0.05)
 
 
 def take_over(db, owner='owner-B', lease_seconds=LONG):
@@ -287,6 +280,7 @@ def test_release_then_acquire_by_another_owner_bumps_generation(db, backend, lea
     assert backend.release(lease) is True
     released = backend.read_lock()
     assert released.owner is None
+    assert released.released_by == lease.owner  # status shows who let go last
     assert released.generation == 1
     assert not released.held
     assert released.expires_in is None
@@ -596,6 +590,15 @@ def test_record_states_adds_records_and_keeps_done_ones(db, backend, lease):
     for evolution_id in ('failed-1', 'running-1', 'new-1'):
         assert history[evolution_id].state == ADOPTED
         assert history[evolution_id].done
+        # "when" for status: a record made without running is started and finished at once
+        assert history[evolution_id].started_at == history[evolution_id].finished_at
+        assert history[evolution_id].attempts == 0
+
+
+def test_record_states_refuses_states_that_are_not_done(backend, lease):
+    with pytest.raises(ValueError, match="'running'"):
+        backend.record_states(lease, ['evo-1'], RUNNING)
+    assert backend.read_history() == {}
 
 
 def test_delete_history_returns_how_many_were_deleted(db, backend, lease):

@@ -19,7 +19,6 @@ through the application's own backend, which serialises its MIM calls.
 """
 import dataclasses
 import threading
-import time
 import warnings
 from typing import Any
 
@@ -40,6 +39,7 @@ from tg.wsgiapp import TGApp
 from tgext.pluggable import plug
 
 import conftest
+import polling
 import tgext.evolve
 from tgext.evolve import Evolution
 from tgext.evolve.plugin import service_for_config
@@ -67,15 +67,7 @@ FAST = {'poll_interval': 0.1, 'lease': 60}
 
 
 def wait_until(condition, what, timeout=DEADLINE, interval=0.02):
-    """Poll ``condition()`` until it returns something truthy and return that; fail on timeout."""
-    end = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise AssertionError(f'{what}: not reached within {timeout} s')
-        time.sleep(interval)
+    return polling.wait_until(condition, what, timeout, interval)
 
 
 # --- models: what a quickstarted project's ``model`` package offers -----------------------------

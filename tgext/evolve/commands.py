@@ -192,8 +192,8 @@ def _lock_text(lock):
     if lock is None:
         return 'lock: never taken'
     if lock.owner is None:
-        broken = f', broken by {lock.released_by}' if lock.released_by else ''
-        return f'lock: free (generation {lock.generation}{broken})'
+        by = f', released by {lock.released_by}' if lock.released_by else ''
+        return f'lock: free (generation {lock.generation}{by})'
     if lock.held:
         return (f'lock: held by {lock.owner} (generation {lock.generation}) since '
                 f'{_when(lock.acquired_at)}; lease expires in {lock.expires_in:.1f} s')

@@ -186,7 +186,8 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def release(self, lease: Lease) -> bool:
-        """Release the lock (owner cleared, generation kept); False if it had changed hands."""
+        """Release the lock (owner cleared, ``released_by`` set to the releasing owner,
+        generation kept); False if it had changed hands."""
 
     @abc.abstractmethod
     def break_lock(self, broken_by: str, name: str = DEFAULT_LOCK_NAME) -> Optional[LockRecord]:

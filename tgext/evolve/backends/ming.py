@@ -297,7 +297,8 @@ class MingBackend(base.Backend):
             for evolution_id in evolution_ids:
                 if evolution_id not in done:
                     self._write_history(evolution_id, {
-                        **_BLANK_HISTORY, 'state': state, 'finished_at': now,
+                        **_BLANK_HISTORY, 'state': state, 'started_at': now,
+                        'finished_at': now, 'duration_ms': 0.0,
                         'owner': lease.owner, 'generation': lease.generation})
 
     def delete_history(self, lease: base.Lease, evolution_ids: Iterable[str]) -> int:

@@ -367,7 +367,7 @@ class SQLAlchemyBackend(Backend):
                 lock_table.update()
                 .where(lock_table.c.name == lease.name, lock_table.c.owner == lease.owner,
                        lock_table.c.generation == lease.generation)
-                .values(owner=None, expires_at=db_now()))
+                .values(owner=None, expires_at=db_now(), released_by=lease.owner))
             return result.rowcount == 1
 
     def break_lock(self, broken_by, name=DEFAULT_LOCK_NAME):
@@ -468,6 +468,8 @@ class SQLAlchemyBackend(Backend):
                                  progress_at=db_now()))
 
     def record_states(self, lease, evolution_ids, state):
+        if state not in DONE_STATES:
+            raise ValueError(f'record_states() records done states only, not {state!r}')
         ids = list(dict.fromkeys(evolution_ids))
         with self.engine.begin() as conn:
             self._fence(conn, lease)
