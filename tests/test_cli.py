@@ -2,7 +2,7 @@
 
 The application is ``tests/cliapp`` (a small quickstart-shaped TurboGears project whose
 evolutions write rows to ``cliapp_effects``); each test writes its ``development.ini`` into a
-temporary directory and runs the installed ``gearbox`` script there, on SQLite and PostgreSQL.
+temporary directory and runs the installed ``gearbox`` script there, on SQLite, PostgreSQL and MariaDB.
 The test process plays "another process" where one is needed, by holding the lock through a
 backend of its own.
 """
@@ -41,7 +41,8 @@ DEADLINE = 90
 OTHER = 'elsewhere:1:cafe'
 OWNER_PATTERN = rf'{re.escape(socket.gethostname())}:\d+:[0-9a-f]+'
 
-BOTH_DATABASES = pytest.mark.parametrize('sql_url', ['sqlite', 'postgresql'], indirect=True)
+SQL_DATABASES = pytest.mark.parametrize('sql_url', ['sqlite', 'postgresql', 'mysql'],
+                                        indirect=True)
 SQLITE_ONLY = pytest.mark.parametrize('sql_url', ['sqlite'], indirect=True)
 
 pytestmark = pytest.mark.slow
@@ -249,7 +250,7 @@ def status_lines(finished):
 
 # --- reading and running ---------------------------------------------------------------------
 
-@BOTH_DATABASES
+@SQL_DATABASES
 def test_run_applies_what_status_and_plan_show_pending_exactly_once(cliapp):
     status = cliapp.gearbox('status')
     assert status.returncode == 1, status
@@ -286,7 +287,7 @@ def test_run_applies_what_status_and_plan_show_pending_exactly_once(cliapp):
     assert cliapp.effects() == collections.Counter(IDS)
 
 
-@BOTH_DATABASES
+@SQL_DATABASES
 def test_a_failed_evolution_fails_the_run_until_retried_and_fixed(cliapp):
     cliapp.configure(fail='true')
     run = cliapp.gearbox('run')
@@ -324,7 +325,7 @@ def test_a_failed_evolution_fails_the_run_until_retried_and_fixed(cliapp):
     assert cliapp.effects() == collections.Counter(IDS)
 
 
-@BOTH_DATABASES
+@SQL_DATABASES
 def test_mark_records_without_running_and_unmark_forgets(cliapp):
     mark = cliapp.gearbox('mark', 'seed_effects', 'count_slowly')
     assert mark.returncode == 0, mark
@@ -365,7 +366,7 @@ def test_mark_records_without_running_and_unmark_forgets(cliapp):
 
 # --- the lock -------------------------------------------------------------------------------------
 
-@BOTH_DATABASES
+@SQL_DATABASES
 def test_release_lock_refuses_a_live_lease_unless_forced(cliapp):
     holder = cliapp.backend()
     lease = holder.acquire(OTHER, 600)
@@ -400,7 +401,7 @@ def test_release_lock_refuses_a_live_lease_unless_forced(cliapp):
     assert re.fullmatch(OWNER_PATTERN, lock.released_by), lock.released_by
 
 
-@BOTH_DATABASES
+@SQL_DATABASES
 @pytest.mark.parametrize('verb', [['run'], ['mark', 'seed_effects']], ids=['run', 'mark'])
 def test_run_and_writes_wait_visibly_while_another_process_holds_the_lock(cliapp, verb):
     holder = cliapp.backend()
@@ -425,7 +426,7 @@ def test_run_and_writes_wait_visibly_while_another_process_holds_the_lock(cliapp
         assert cliapp.history()['seed_effects'].state == 'marked'
 
 
-@BOTH_DATABASES
+@SQL_DATABASES
 def test_status_shows_the_progress_and_lock_of_a_running_evolution(cliapp):
     pause = cliapp.directory / 'go-on'
     cliapp.configure(pause_file=pause)
