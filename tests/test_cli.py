@@ -2,9 +2,9 @@
 
 The application is ``tests/cliapp`` (a small quickstart-shaped TurboGears project whose
 evolutions write rows to ``cliapp_effects``); each test writes its ``development.ini`` into a
-temporary directory and runs the installed ``gearbox`` script there, on SQLite, PostgreSQL and MariaDB.
-The test process plays "another process" where one is needed, by holding the lock through a
-backend of its own.
+temporary directory and runs the installed ``gearbox`` script there, on SQLite, PostgreSQL and
+MariaDB.  The test process plays "another process" where one is needed, by holding the lock
+through a backend of its own.
 """
 import collections
 import fcntl
