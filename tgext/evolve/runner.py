@@ -295,10 +295,14 @@ class Runner:
     def _set_waiting(self, lock):
         self.state.set_phase(WAITING)
         holder = lock.owner if lock is not None else None
-        expires = lock.expires_in if lock is not None else None
+        if holder is None or lock.expires_in is None:
+            # Lost the race for a free lock: the winner's row is not visible yet.
+            self._note(('waiting', None), logging.INFO,
+                       'evolutions pending, another process is taking the lock')
+            return
         self._note(('waiting', holder), logging.INFO,
-                   'evolutions pending, waiting for %s (lease expires in %s s)', holder,
-                   f'{expires:.1f}' if expires is not None else '?')
+                   'evolutions pending, waiting for %s (lease expires in %.1f s)', holder,
+                   lock.expires_in)
 
     def _open(self, phase, message, *args):
         self.state.set_phase(phase)
