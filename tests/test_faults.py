@@ -160,43 +160,83 @@ def test_32_processes_at_once(sql_url, tmp_path):
     assert outcome.side_effects == {'e1': 1, 'e2': 1, 'e3': 1}
 
 
-def test_sqlite_writer_holding_the_file_is_waited_out_as_contention_not_an_outage(
-        sqlite_url, caplog):
-    # What 32 processes on one SQLite file can do to each other: a writer keeps the file
-    # locked past the driver's busy timeout (0.05 s here, 5 s by default).
+class CountingEvolution(Evolution):
+    evolution_id = 'e1'
+
+    def __init__(self):
+        self.runs = 0
+
+    def evolve(self):
+        self.runs += 1
+
+
+@pytest.fixture
+def locked_sqlite(sqlite_url):
+    """``(engine, writer)``: an engine with a 0.05 s busy timeout (5 s by default) on a file
+    that ``writer`` holds locked with ``BEGIN EXCLUSIVE``, as another program could."""
     import sqlite3
 
     import sqlalchemy as sa
 
     from tgext.evolve.backends.sqlalchemy import SQLAlchemyBackend
 
-    class Counting(Evolution):
-        evolution_id = 'e1'
-        runs = 0
-
-        def evolve(self):
-            Counting.runs += 1
-
     engine = sa.create_engine(sqlite_url, connect_args={'timeout': 0.05})
     SQLAlchemyBackend(engine).ensure_storage()
     writer = sqlite3.connect(sa.make_url(sqlite_url).database, isolation_level=None)
     writer.execute('BEGIN EXCLUSIVE')
-    runner = Runner(SQLAlchemyBackend(engine), [Counting()], Settings(lease=2, poll_interval=0.05))
+    try:
+        yield engine, writer
+    finally:
+        writer.close()
+        engine.dispose()
+
+
+def run_behind_a_locked_file(locked_sqlite, caplog, lease, until):
+    """Start a runner on the locked file, wait for ``until(messages)``, unlock, wait for the
+    runner to serve; return the runner and its evolution."""
+    from tgext.evolve.backends.sqlalchemy import SQLAlchemyBackend
+
+    engine, writer = locked_sqlite
+    evolution = CountingEvolution()
+    runner = Runner(SQLAlchemyBackend(engine), [evolution],
+                    Settings(lease=lease, poll_interval=0.05))
     with caplog.at_level(logging.DEBUG, logger='tgext.evolve'):
         runner.start()
         try:
-            wait_for(lambda: any('database busy' in r.getMessage() for r in caplog.records),
+            wait_for(lambda: until([r.getMessage() for r in caplog.records]),
                      'the runner finding the database busy')
             assert not runner.state.open
             writer.execute('COMMIT')
             wait_for(lambda: runner.state.open, 'the runner serving')
         finally:
             runner.stop(MONGO_DEADLINE)
-            writer.close()
-    assert Counting.runs == 1
+    return runner, evolution
+
+
+def test_sqlite_writer_holding_the_file_briefly_is_contention_not_an_outage(locked_sqlite,
+                                                                           caplog):
+    # What 32 processes on one SQLite file can do to each other: a write keeps the file
+    # locked past the driver's busy timeout.
+    runner, evolution = run_behind_a_locked_file(
+        locked_sqlite, caplog, lease=2,
+        until=lambda messages: any('database busy' in m for m in messages))
+
+    assert evolution.runs == 1
     assert runner.backend.read_history()['e1'].state == APPLIED
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
-    engine.dispose()
+
+
+def test_sqlite_file_locked_for_longer_than_a_lease_is_reported_once(locked_sqlite, caplog):
+    runner, evolution = run_behind_a_locked_file(
+        locked_sqlite, caplog, lease=0.3,
+        until=lambda messages: any('database busy for' in m for m in messages))
+
+    assert evolution.runs == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert 'another connection keeps its write lock (database is locked)' in warnings[0]
+    assert 'database unavailable' not in warnings[0]
+    assert [r.getMessage() for r in caplog.records].count('database no longer busy') == 1
 
 
 # --- 8. interrupted table creation ----------------------------------------------------------

@@ -143,6 +143,7 @@ class Runner:
         self._attempted = set()
         self._waiting = False
         self._last_note = None
+        self._busy_since = None
 
     # --- drivers -------------------------------------------------------------------------------
 
@@ -169,9 +170,7 @@ class Runner:
                 outcome = self.step()
             except Exception as e:
                 if self.backend.is_busy(e):
-                    # 32 processes starting at once on one SQLite file can keep a read or a
-                    # write waiting past the driver's busy timeout: contention, not an outage.
-                    log.debug('database busy (%s), retrying at the next poll', e)
+                    self._busy(e)
                     delay = self.settings.poll_interval * random.uniform(0.85, 1.0)
                 else:
                     self._note(('unreachable', type(e).__name__), logging.WARNING,
@@ -182,6 +181,7 @@ class Runner:
                     backoff = min(backoff * 2, MAX_BACKOFF)
             else:
                 backoff = self.settings.poll_interval
+                self._busy_since = None
                 if outcome == DONE:
                     break
                 # Jitter spreads the polls of many processes started together; it only ever
@@ -245,6 +245,24 @@ class Runner:
         # the recovery must come first.
         if self._last_note and self._last_note[0] == 'unreachable':
             self._note(('reachable',), logging.INFO, 'database reachable again')
+        elif self._last_note and self._last_note[0] == 'busy':
+            self._note(('not busy',), logging.INFO, 'database no longer busy')
+
+    def _busy(self, error):
+        # 32 processes starting at once on one SQLite file can keep a read or a write waiting
+        # past the driver's busy timeout: contention, not an outage.  Only a file that stays
+        # locked for longer than a lease (another program holding a transaction open) is news.
+        now = time.monotonic()
+        if self._busy_since is None:
+            self._busy_since = now
+        busy_for = now - self._busy_since
+        if busy_for > self.settings.lease:
+            self._note(('busy',), logging.WARNING,
+                       'database busy for %.0f s: another connection keeps its write lock '
+                       '(%s); answering 503, retrying', busy_for, error.orig
+                       if getattr(error, 'orig', None) is not None else error)
+        else:
+            log.debug('database busy (%s), retrying at the next poll', error)
 
     def _read_history(self):
         try:
@@ -299,6 +317,14 @@ class Runner:
             # Lost the race for a free lock: the winner's row is not visible yet.
             self._note(('waiting', None), logging.INFO,
                        'evolutions pending, another process is taking the lock')
+            return
+        if lock.expires_in <= 0:
+            # On SQLite a holder inside a long evolution cannot renew (one writer at a time),
+            # and nobody can take its lock over before it commits.
+            self._note(('waiting', holder), logging.INFO,
+                       'evolutions pending, waiting for %s (its lease is %.1f s overdue: it '
+                       'is still writing, or it is gone and its lock will be taken over)',
+                       holder, -lock.expires_in)
             return
         self._note(('waiting', holder), logging.INFO,
                    'evolutions pending, waiting for %s (lease expires in %.1f s)', holder,
