@@ -45,6 +45,14 @@ def wait_until(condition, what, timeout=DEADLINE, interval=POLL):
     return polling.wait_until(condition, what, timeout, interval)
 
 
+def free_port():
+    """A TCP port on 127.0.0.1 that nothing listens on now (for servers that cannot report
+    the port they bound, unlike gunicorn with ``--bind 127.0.0.1:0``)."""
+    with socket.socket() as probe:
+        probe.bind(('127.0.0.1', 0))
+        return probe.getsockname()[1]
+
+
 def child_environment():
     """Unbuffered output (logs are read while the process runs), ``tests/`` importable."""
     env = dict(os.environ, PYTHONUNBUFFERED='1')

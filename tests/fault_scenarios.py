@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import re
 import signal
 import subprocess
@@ -546,15 +547,60 @@ class Gunicorn:
                 self.popen.wait(30)
 
 
+class Uwsgi(Gunicorn):
+    """A real uWSGI (the ``pyuwsgi`` build) serving ``procapp:gunicorn_app()`` on 127.0.0.1 with
+    ``--master --processes N`` and the fork ``mode`` README.rst recommends: ``lazy-apps``
+    (each worker builds its application) or ``fork-hooks`` (the master builds it and calls
+    CPython's fork hooks around each fork, ``--py-call-uwsgi-fork-hooks``)."""
+
+    MODES = {'lazy-apps': ['--lazy-apps'], 'fork-hooks': ['--py-call-uwsgi-fork-hooks']}
+
+    def __init__(self, c, workers, mode):
+        self.cluster = c
+        self.log_path = c.workdir / 'uwsgi.log'
+        self.port = cluster.free_port()
+        command = [os.path.join(os.path.dirname(sys.executable), 'uwsgi'),
+                   '--master', '--processes', str(workers), '--enable-threads',
+                   '--http-socket', f'127.0.0.1:{self.port}', '--pythonpath',
+                   str(cluster.TESTS_DIR), '--die-on-term', '--need-app', '--disable-logging',
+                   '--eval', 'import procapp; application = procapp.gunicorn_app()',
+                   *self.MODES[mode]]
+        env = dict(cluster.child_environment(),
+                   **{procapp.JOB_ENVIRONMENT_VARIABLE: json.dumps(c.job('uwsgi'))})
+        with open(self.log_path, 'wb') as log:
+            self.popen = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                          stdin=subprocess.DEVNULL, env=env, cwd=c.workdir)
+        wait_until(lambda: self._logged(rf'bound to TCP address 127\.0\.0\.1:{self.port}'),
+                   'uwsgi listening', cluster.START_DEADLINE)
+
+    def worker_pids(self):
+        return {int(pid) for pid in re.findall(r'spawned uWSGI worker \d+ \(pid: (\d+)',
+                                               self.log())}
+
+
 def gunicorn_workers(url, workdir, preload, workers=4):
     """``gunicorn [--preload] -w 4``: every worker must answer 503 while ``e2`` holds, then 200;
     with ``--preload`` each worker restarts the evolution thread it did not inherit."""
+    return _forked_workers(url, workdir, lambda c: Gunicorn(c, workers, preload), workers,
+                           f'gunicorn -w {workers}{" --preload" if preload else ""}',
+                           restarts=preload)
+
+
+def uwsgi_workers(url, workdir, mode, workers=4):
+    """``uwsgi --master --processes 4`` in a :class:`Uwsgi` ``mode``: as gunicorn; with
+    ``fork-hooks`` each worker restarts the thread, with ``lazy-apps`` none needs to."""
+    return _forked_workers(url, workdir, lambda c: Uwsgi(c, workers, mode), workers,
+                           f'uwsgi --processes {workers} ({mode})',
+                           restarts=mode == 'fork-hooks')
+
+
+def _forked_workers(url, workdir, start_server, workers, title, restarts):
     with Cluster(url, workdir, evolutions(hold=('write', 'hold')), FAULT_OPTIONS) as c:
         c.prepare_database()
-        server = Gunicorn(c, workers, preload)
+        server = start_server(c)
         try:
             pids = wait_until(lambda: len(server.worker_pids()) >= workers and
-                              server.worker_pids(), 'gunicorn booting its workers',
+                              server.worker_pids(), 'the server booting its workers',
                               cluster.START_DEADLINE)
             server.request_until(lambda: all(503 in server.served().get(pid, ()) for pid in pids),
                                  'every worker answering 503')
@@ -572,11 +618,11 @@ def gunicorn_workers(url, workdir, preload, workers=4):
             rf'restarting', log)}
         failures = [f'worker {pid} served {served.get(pid)}' for pid in pids
                     if served.get(pid) != [503, 200]]
-        if restarted != (pids if preload else set()):
+        if restarted != (pids if restarts else set()):
             failures.append(f'workers that restarted the evolution thread: {sorted(restarted)}')
-        failures += [f'gunicorn logged: {line[:200]}' for line in log.splitlines()
+        failures += [f'{title} logged: {line[:200]}' for line in log.splitlines()
                      if cluster.TROUBLE.search(line)]
-        return _outcome(c, f'gunicorn -w {workers}{" --preload" if preload else ""}', [],
+        return _outcome(c, title, [],
                         observed={f'worker {pid}': served.get(pid) for pid in pids},
                         recovered_in=recovered_in, failures=failures,
                         measures={'worker_pids': sorted(pids), 'restarted': restarted})
