@@ -10,6 +10,7 @@ and races for the lock like any other process.  Either way every worker must ans
 README.rst recommends: ``--lazy-apps`` (like gunicorn without ``--preload``) and
 ``--py-call-uwsgi-fork-hooks`` (like gunicorn with it).
 """
+import logging
 import os
 import sys
 import threading
@@ -18,6 +19,8 @@ import pytest
 
 import conftest
 import fault_scenarios
+import polling
+from tgext.evolve import forking
 from tgext.evolve.forking import fork_gate
 
 WORKERS = 4
@@ -75,6 +78,87 @@ def test_a_fork_waits_for_the_database_call_in_flight():
         caller.join(30)
         forker.join(30)
     assert forked.is_set()
+
+
+def fork_in_thread():
+    """Start a thread that forks (the child exits at once); returns (thread, forked event)."""
+    forked = threading.Event()
+
+    def fork():
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        os.waitpid(pid, 0)
+        forked.set()
+
+    thread = threading.Thread(target=fork)
+    thread.start()
+    return thread, forked
+
+
+class BlockingHandler(logging.Handler):
+    """A handler that holds its ``emit`` open, as a write to a busy stderr does."""
+
+    def __init__(self):
+        super().__init__()
+        self.writing, self.finish = threading.Event(), threading.Event()
+
+    def emit(self, record):
+        self.writing.set()
+        self.finish.wait(30)
+
+
+def test_a_fork_waits_for_a_log_line_being_written():
+    # A child forked while the parent's thread holds sys.stderr's buffer lock would block on
+    # its first log line for good: seen with uWSGI.
+    handler = BlockingHandler()
+    logger = logging.getLogger('tgext.evolve')
+    logger.addHandler(handler)
+    previous_level = logger.level
+    logger.setLevel(logging.INFO)
+    writer = threading.Thread(target=forking.log.info, args=('evolving %r', 'e1'))
+    try:
+        writer.start()
+        assert handler.writing.wait(30)
+        forker, forked = fork_in_thread()
+        assert not forked.wait(0.5), 'forked in the middle of a log line'
+        handler.finish.set()
+        writer.join(30)
+        forker.join(30)
+        assert forked.is_set()
+    finally:
+        handler.finish.set()
+        logger.removeHandler(handler)
+        logger.setLevel(previous_level)
+
+
+def test_a_thread_inside_a_call_can_log_while_a_fork_waits_for_it(caplog):
+    # A backend logs from inside its gated call: waiting for the fork there would deadlock
+    # (the fork waits for that very call).
+    in_call, may_log, logged = threading.Event(), threading.Event(), threading.Event()
+
+    def database_call_that_logs():
+        with fork_gate.call():
+            in_call.set()
+            may_log.wait(30)
+            forking.log.debug('a backend line')
+            logged.set()
+
+    caplog.set_level(logging.DEBUG, logger='tgext.evolve')  # the line is written, not dropped
+    caller = threading.Thread(target=database_call_that_logs)
+    caller.start()
+    assert in_call.wait(30)
+    forker, forked = fork_in_thread()
+    try:
+        polling.wait_until(lambda: fork_gate._forking, 'the fork waiting for the call', 30)
+        may_log.set()
+        assert logged.wait(5), 'the nested log line waited for the fork that waits for it'
+    finally:
+        may_log.set()
+        caller.join(30)
+        forker.join(30)
+    assert forked.is_set()
+    assert 'a backend line' in caplog.messages
 
 
 # --- uWSGI ----------------------------------------------------------------------------------------

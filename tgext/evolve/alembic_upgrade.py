@@ -6,14 +6,13 @@ upgrades to, so it runs again whenever a release brings a new head, and data evo
 optional dependency (``tgext.evolve[alembic]``).
 """
 import hashlib
-import logging
 import os
 
 from .backends.base import MAX_ID_LENGTH
 from .errors import ConfigurationError
 from .evolution import Evolution
+from .forking import log
 
-log = logging.getLogger('tgext.evolve')
 
 
 class AlembicUpgrade(Evolution):

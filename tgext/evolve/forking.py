@@ -12,13 +12,18 @@ So every backend call of the runner and its heartbeat passes through one :class:
 and ``os.register_at_fork(before=...)`` waits until no call is in flight (and holds new ones
 back) before the fork proceeds.  The evolution's own ``evolve()`` is not held: it may run for
 hours, and the workers must start and answer 503 meanwhile.
+
+Log lines pass through the gate too (:data:`log`): a thread writing to a buffered
+``sys.stderr`` holds the buffer's lock, and a child forked at that instant blocks for good on
+its first log line (measured: one uWSGI worker in about twenty, whose master was logging
+"evolving ..." as it forked).
 """
 import contextlib
 import logging
 import os
 import threading
 
-log = logging.getLogger('tgext.evolve')
+_logger = logging.getLogger('tgext.evolve')
 
 #: The longest a fork waits for a database call in flight (a connection attempt to a database
 #: that does not answer can take this long); after it the fork goes ahead regardless.
@@ -36,13 +41,20 @@ class ForkGate:
         self._condition = threading.Condition()
         self._calls = 0
         self._forking = False
+        self._depth = threading.local()  # calls the current thread is inside
 
     def _enter(self):
+        depth = getattr(self._depth, 'value', 0)
         with self._condition:
-            self._condition.wait_for(lambda: not self._forking)
+            # A thread already inside a call (a backend that logs) goes on: waiting for the
+            # fork would wait for itself.
+            if depth == 0:
+                self._condition.wait_for(lambda: not self._forking)
             self._calls += 1
+        self._depth.value = depth + 1
 
     def _leave(self):
+        self._depth.value -= 1
         with self._condition:
             self._calls -= 1
             self._condition.notify_all()
@@ -69,8 +81,9 @@ class ForkGate:
         with self._condition:
             self._forking = True
             if not self._condition.wait_for(lambda: self._calls == 0, FORK_WAIT):
-                log.warning('forking while a database call of tgext.evolve is still in flight '
-                            'after %.0f s', FORK_WAIT)
+                # Not through the gate: this thread is the one about to fork.
+                _logger.warning('forking while a database call of tgext.evolve is still in '
+                                'flight after %.0f s', FORK_WAIT)
 
     def after_fork_in_parent(self):
         with self._condition:
@@ -106,6 +119,38 @@ class ForkGatedBackend:
 
         with self._gate.call():
             return self._backend.apply(lease, evolution_id, ungated_work, fingerprint)
+
+
+class GatedLogger:
+    """The ``tgext.evolve`` logger, writing each line through :data:`fork_gate`."""
+
+    def __init__(self, logger, gate):
+        self._logger = logger
+        self._gate = gate
+
+    def log(self, level, message, *args, **kwargs):
+        if self._logger.isEnabledFor(level):
+            with self._gate.call():
+                self._logger.log(level, message, *args, **kwargs)
+
+    def debug(self, message, *args, **kwargs):
+        self.log(logging.DEBUG, message, *args, **kwargs)
+
+    def info(self, message, *args, **kwargs):
+        self.log(logging.INFO, message, *args, **kwargs)
+
+    def warning(self, message, *args, **kwargs):
+        self.log(logging.WARNING, message, *args, **kwargs)
+
+    def error(self, message, *args, **kwargs):
+        self.log(logging.ERROR, message, *args, **kwargs)
+
+    def isEnabledFor(self, level):  # noqa: N802 - logging's spelling
+        return self._logger.isEnabledFor(level)
+
+
+#: What the runner, its heartbeat, the plugin and the backends log through.
+log = GatedLogger(_logger, fork_gate)
 
 
 if hasattr(os, 'register_at_fork'):

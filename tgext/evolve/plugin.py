@@ -1,5 +1,4 @@
 """Wiring into TurboGears: ``plugme``, the hooks, the background thread and fork handling."""
-import logging
 import os
 import threading
 import weakref
@@ -11,13 +10,12 @@ from .backends import backend_for_config
 from .evolution import collect_evolutions
 from .gate import MaintenanceApplicationWrapper, MaintenanceMiddleware
 from .errors import ConfigurationError
-from .forking import ForkGatedBackend
+from .forking import ForkGatedBackend, log
 from .options import check_plug_options, parse_settings
 from .planning import run_order
 from .runner import Runner
 from .state import STARTING, GateState
 
-log = logging.getLogger('tgext.evolve')
 
 #: Where the per-application service lives in the app's config (outside the ``tgext.evolve.``
 #: namespace, which holds settings only).

@@ -16,11 +16,11 @@ import traceback
 
 from .backends.base import DEFAULT_LOCK_NAME, FAILED, ADOPTED
 from .errors import ConfigurationError, LeaseLost
+from .forking import log
 from .planning import fingerprints, plan
 from .state import (EVOLVING, FAILED as FAILED_PHASE, MISCONFIGURED, READY, SERVING_AFTER_FAILURE,
                     UNREACHABLE, WAITING, GateState)
 
-log = logging.getLogger('tgext.evolve')
 
 #: Ceiling of the retry delay while the database cannot be reached.
 MAX_BACKOFF = 30.0

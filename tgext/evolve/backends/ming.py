@@ -35,7 +35,6 @@ process.  It has no locking either (see ``_mim_lock``).
 """
 import contextlib
 import dataclasses
-import logging
 import threading
 import time
 from typing import Callable, Iterable, Mapping, Optional
@@ -47,9 +46,9 @@ from pymongo.errors import ConnectionFailure, DuplicateKeyError, OperationFailur
 from pymongo.write_concern import WriteConcern
 
 from ..errors import LeaseLost
+from ..forking import log
 from . import base
 
-log = logging.getLogger('tgext.evolve')
 
 # MIM takes no lock anywhere: two threads of one process (the runner and its heartbeat, or two
 # backends standing for two processes in a test) interleaving inside one of its calls lose the

@@ -10,7 +10,6 @@ that session's connection, so all three commit or roll back together.
 """
 import contextlib
 import dataclasses
-import logging
 import sys
 import time
 
@@ -23,11 +22,11 @@ from sqlalchemy.orm import scoped_session, sessionmaker
 from sqlalchemy.sql.functions import FunctionElement
 
 from ..errors import LeaseLost
+from ..forking import log
 from .base import (APPLIED, DEFAULT_LOCK_NAME, DONE_STATES, FAILED, HISTORY_TABLE, LEGACY_TABLE,
                    LOCK_TABLE, MAX_ID_LENGTH, MAX_OWNER_LENGTH, RUNNING, Backend, HistoryRecord,
                    Lease, LegacyState, LockRecord)
 
-log = logging.getLogger('tgext.evolve')
 
 Time = sa.Float(precision=53)  # DOUBLE PRECISION on PostgreSQL, DOUBLE on MySQL, REAL on SQLite
 
