@@ -144,7 +144,7 @@ def start_together(url, workdir, count, storage='empty', late=False):
     with Cluster(url, workdir, evolutions(hold=('write', 'hold')), CALM_OPTIONS) as c:
         c.prepare_database()
         if storage == 'half-created':
-            from tgext.evolve.backends.sqlalchemy import lock_table
+            from tgext.evolve.backends.sql_schema import lock_table
             lock_table.create(c.engine)
         processes = c.start(count)
         c.wait_all_observed(503)

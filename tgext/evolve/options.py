@@ -4,8 +4,8 @@ A setting may come from ``plugme(options={...})`` or from the .ini as ``tgext.ev
 the .ini wins.  Values from the .ini are strings.  A bad value is a start-up error naming the
 key and the value.
 """
-import dataclasses
 import math
+from typing import NamedTuple
 
 from tg.support.converters import asbool
 
@@ -18,8 +18,7 @@ ON_FAILURE_CHOICES = ('block', 'serve')
 REGISTRATION_KEYS = frozenset(('evolutions', 'appid'))
 
 
-@dataclasses.dataclass(frozen=True)
-class Settings:
+class Settings(NamedTuple):
     enabled: bool = True
     lease: float = 15.0
     poll_interval: float = 1.0
@@ -32,7 +31,7 @@ class Settings:
         return self.lease / 3
 
 
-SETTING_KEYS = tuple(f.name for f in dataclasses.fields(Settings))
+SETTING_KEYS = Settings._fields
 
 
 def _bool(key, value, source):

@@ -9,17 +9,15 @@ release removed old evolutions): it is satisfied when the history records it app
 marked.  The history is only known once the database has been read, so such a dependency is
 checked by :func:`plan`, not at start-up; cycles are checked at start-up by :func:`run_order`.
 """
-import dataclasses
 import graphlib
 import heapq
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from .backends.base import FAILED, MAX_ID_LENGTH, RUNNING, HistoryRecord
 from .errors import ConfigurationError
 
 
-@dataclasses.dataclass(frozen=True)
-class PlannedStep:
+class PlannedStep(NamedTuple):
     """One evolution the plan would run, and why."""
     evolution: object
     reason: str

@@ -34,7 +34,6 @@ MIM is in-process memory: two processes never share it, so it only ever serves t
 process.  It has no locking either (see ``_mim_lock``).
 """
 import contextlib
-import dataclasses
 import threading
 import time
 from typing import Callable, Iterable, Mapping, Optional
@@ -66,7 +65,7 @@ _RACING_CREATE_CODES = frozenset((
 ))
 _CREATE_ATTEMPTS = 5
 
-_HISTORY_FIELDS = tuple(field.name for field in dataclasses.fields(base.HistoryRecord))
+_HISTORY_FIELDS = base.HistoryRecord._fields
 # Every history document carries every field, as the SQL table does; ``progress_at`` (when the
 # progress was last reported) exists only here.
 _BLANK_HISTORY = {**dict.fromkeys(_HISTORY_FIELDS), 'attempts': 0, 'progress_at': None}
@@ -206,7 +205,7 @@ class MingBackend(base.Backend):
         with self._guard():
             now = time.time()
             self._fence(lease, now)
-        return dataclasses.replace(lease, expires_at=now + lease.lease_seconds)
+        return lease._replace(expires_at=now + lease.lease_seconds)
 
     def release(self, lease: base.Lease) -> bool:
         with self._guard():

@@ -9,7 +9,6 @@ application's session joined, and issues the fencing check and the ``applied`` h
 that session's connection, so all three commit or roll back together.
 """
 import contextlib
-import dataclasses
 import sys
 import time
 
@@ -17,92 +16,18 @@ import sqlalchemy as sa
 import transaction
 import zope.sqlalchemy
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import scoped_session, sessionmaker
-from sqlalchemy.sql.functions import FunctionElement
 
 from ..errors import LeaseLost
 from ..forking import log
 from .base import (APPLIED, DEFAULT_LOCK_NAME, DONE_STATES, FAILED, HISTORY_TABLE, LEGACY_TABLE,
-                   LOCK_TABLE, MAX_ID_LENGTH, MAX_OWNER_LENGTH, RUNNING, Backend, HistoryRecord,
-                   Lease, LegacyState, LockRecord)
-
-
-Time = sa.Float(precision=53)  # DOUBLE PRECISION on PostgreSQL, DOUBLE on MySQL, REAL on SQLite
-
-metadata = sa.MetaData()
-
-lock_table = sa.Table(
-    LOCK_TABLE, metadata,
-    sa.Column('name', sa.String(MAX_ID_LENGTH), primary_key=True),
-    sa.Column('owner', sa.String(MAX_OWNER_LENGTH), nullable=True),
-    sa.Column('generation', sa.Integer, nullable=False),
-    sa.Column('acquired_at', Time, nullable=True),
-    sa.Column('renewed_at', Time, nullable=True),
-    sa.Column('expires_at', Time, nullable=True),
-    sa.Column('released_by', sa.String(MAX_OWNER_LENGTH), nullable=True),
-)
-
-history_table = sa.Table(
-    HISTORY_TABLE, metadata,
-    sa.Column('evolution_id', sa.String(MAX_ID_LENGTH), primary_key=True),
-    sa.Column('state', sa.String(16), nullable=False),
-    sa.Column('attempts', sa.Integer, nullable=False, default=0),
-    sa.Column('started_at', Time, nullable=True),
-    sa.Column('finished_at', Time, nullable=True),
-    sa.Column('duration_ms', Time, nullable=True),
-    sa.Column('owner', sa.String(MAX_OWNER_LENGTH), nullable=True),
-    sa.Column('generation', sa.Integer, nullable=True),
-    sa.Column('error', sa.Text, nullable=True),
-    sa.Column('progress_done', sa.BigInteger, nullable=True),
-    sa.Column('progress_total', sa.BigInteger, nullable=True),
-    sa.Column('progress_at', Time, nullable=True),
-    sa.Column('fingerprint', sa.String(MAX_ID_LENGTH), nullable=True),
-)
-
-# Read-only view of the 0.0.5 table; never created by us.
-legacy_table = sa.Table(
-    LEGACY_TABLE, sa.MetaData(),
-    sa.Column('type', sa.String(16), primary_key=True),
-    sa.Column('value', sa.String(255)),
-)
+                   RUNNING, Backend, HistoryRecord, Lease, LegacyState, LockRecord)
 
 # read_history() is every process's first look at the database, on the path of its first
-# request: spelled out, it skips SQLAlchemy's compiler (~4 ms the first time in a process).
-# No identifier here needs quoting on any dialect.
-_READ_HISTORY = sa.text(
-    f'SELECT {", ".join(column.name for column in history_table.c)} FROM {HISTORY_TABLE}')
-
-
-class db_now(FunctionElement):
-    """The database's current time as float epoch seconds, with sub-second precision."""
-    type = Time
-    inherit_cache = True
-
-
-@compiles(db_now)
-def _db_now_default(element, compiler, **kw):
-    return 'CURRENT_TIMESTAMP'  # pragma: no cover - every supported dialect has its own below
-
-
-@compiles(db_now, 'postgresql')
-def _db_now_postgresql(element, compiler, **kw):
-    # clock_timestamp(), not now(): now() is frozen at the start of the transaction, and
-    # apply()'s transaction lasts as long as the evolution.
-    return 'CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION)'
-
-
-@compiles(db_now, 'mysql')
-@compiles(db_now, 'mariadb')
-def _db_now_mysql(element, compiler, **kw):
-    # Pure UTC arithmetic: UNIX_TIMESTAMP(NOW()) goes through the session time zone and is
-    # ambiguous for an hour every autumn.
-    return "(TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(6)) / 1000000.0)"
-
-
-@compiles(db_now, 'sqlite')
-def _db_now_sqlite(element, compiler, **kw):
-    return "((julianday('now') - 2440587.5) * 86400.0)"
+# request: spelled out, it needs neither SQLAlchemy's compiler (~4 ms the first time in a
+# process) nor the tables (:mod:`.sql_schema`, loaded by the first write).  No identifier here
+# needs quoting on any dialect.
+_READ_HISTORY = sa.text(f'SELECT {", ".join(HistoryRecord._fields)} FROM {HISTORY_TABLE}')
 
 
 def _float(value):
@@ -193,6 +118,7 @@ class SQLAlchemyBackend(Backend):
         # Concurrent CREATE TABLE on an empty database fails in all but one process (duplicate
         # table, or PostgreSQL's unique violation on pg_type); the loser retries and finds the
         # tables the winner created.
+        from .sql_schema import metadata
         deadline = time.monotonic() + 30
         delay = 0.05
         while True:
@@ -215,6 +141,7 @@ class SQLAlchemyBackend(Backend):
                 delay = min(delay * 2, 1.0)
 
     def _storage_exists(self):
+        from .sql_schema import metadata
         try:
             inspector = sa.inspect(self.engine)
             return all(inspector.has_table(t.name) for t in metadata.sorted_tables)
@@ -222,6 +149,7 @@ class SQLAlchemyBackend(Backend):
             return False
 
     def now(self):
+        from .sql_schema import db_now
         with self.engine.connect() as conn:
             return _float(conn.execute(sa.select(db_now())).scalar_one())
 
@@ -249,6 +177,7 @@ class SQLAlchemyBackend(Backend):
         return {row.evolution_id: _history_record(row) for row in rows}
 
     def read_lock(self, name=DEFAULT_LOCK_NAME):
+        from .sql_schema import db_now, lock_table
         query = sa.select(lock_table, db_now().label('now')).where(lock_table.c.name == name)
         with self.engine.connect() as conn:
             row = conn.execute(query).first()
@@ -267,6 +196,7 @@ class SQLAlchemyBackend(Backend):
         )
 
     def read_legacy(self):
+        from .sql_schema import legacy_table
         if not sa.inspect(self.engine).has_table(LEGACY_TABLE):
             return None
         with self.engine.connect() as conn:
@@ -278,6 +208,7 @@ class SQLAlchemyBackend(Backend):
     # --- the lease -----------------------------------------------------------------------------
 
     def acquire(self, owner, lease_seconds, name=DEFAULT_LOCK_NAME):
+        from .sql_schema import db_now, lock_table
         current = self.read_lock(name)
         if current is not None and current.held:
             # Read first, write only to take a free lock: a waiter never queues behind the
@@ -321,6 +252,7 @@ class SQLAlchemyBackend(Backend):
 
     @staticmethod
     def _lease(conn, name, owner, lease_seconds):
+        from .sql_schema import lock_table
         row = conn.execute(
             sa.select(lock_table.c.generation, lock_table.c.expires_at)
             .where(lock_table.c.name == name, lock_table.c.owner == owner)).one()
@@ -335,6 +267,7 @@ class SQLAlchemyBackend(Backend):
         documented ``LAST_INSERT_ID(expr)`` idiom, which hands the value back to the client
         with the statement's result.
         """
+        from .sql_schema import db_now, lock_table
         now = db_now()
         expires_at = now + lease.lease_seconds
         returning = conn.dialect.update_returning
@@ -358,9 +291,10 @@ class SQLAlchemyBackend(Backend):
     def renew(self, lease):
         with self.engine.begin() as conn:
             expires_at = self._fence(conn, lease)
-        return dataclasses.replace(lease, expires_at=expires_at)
+        return lease._replace(expires_at=expires_at)
 
     def release(self, lease):
+        from .sql_schema import db_now, lock_table
         with self.engine.begin() as conn:
             result = conn.execute(
                 lock_table.update()
@@ -370,6 +304,7 @@ class SQLAlchemyBackend(Backend):
             return result.rowcount == 1
 
     def break_lock(self, broken_by, name=DEFAULT_LOCK_NAME):
+        from .sql_schema import db_now, lock_table
         with self.engine.begin() as conn:
             row = conn.execute(
                 sa.select(lock_table, db_now().label('now')).where(lock_table.c.name == name)
@@ -388,6 +323,7 @@ class SQLAlchemyBackend(Backend):
     def _upsert_history(self, conn, evolution_id, values, on_insert=None):
         """UPDATE the record, or INSERT it with ``on_insert`` replacing values that refer to
         the record's previous columns (an INSERT has none)."""
+        from .sql_schema import history_table
         # Portable upsert: only the lock holder writes history (every caller is fenced first),
         # so an UPDATE-then-INSERT cannot race with another writer.
         result = conn.execute(history_table.update()
@@ -398,11 +334,13 @@ class SQLAlchemyBackend(Backend):
                 evolution_id=evolution_id, **{**values, **(on_insert or {})}))
 
     def _read_one(self, conn, evolution_id):
+        from .sql_schema import history_table
         row = conn.execute(sa.select(history_table)
                            .where(history_table.c.evolution_id == evolution_id)).one()
         return _history_record(row)
 
     def record_running(self, lease, evolution_id, fingerprint=None):
+        from .sql_schema import db_now, history_table
         with self.engine.begin() as conn:
             self._fence(conn, lease)
             previous = conn.execute(sa.select(history_table.c.attempts)
@@ -417,6 +355,7 @@ class SQLAlchemyBackend(Backend):
 
     def _record_finished(self, conn, lease, evolution_id, state, **values):
         """Write the end of an attempt; without a ``running`` record it is attempt 1 of 0 ms."""
+        from .sql_schema import db_now, history_table
         now = db_now()
         self._upsert_history(
             conn, evolution_id,
@@ -459,6 +398,7 @@ class SQLAlchemyBackend(Backend):
             return self._record_finished(conn, lease, evolution_id, FAILED, error=error)
 
     def record_progress(self, lease, evolution_id, done, total):
+        from .sql_schema import db_now, history_table
         with self.engine.begin() as conn:
             self._fence(conn, lease)
             conn.execute(history_table.update()
@@ -467,6 +407,7 @@ class SQLAlchemyBackend(Backend):
                                  progress_at=db_now()))
 
     def record_states(self, lease, evolution_ids, state):
+        from .sql_schema import db_now, history_table
         if state not in DONE_STATES:
             raise ValueError(f'record_states() records done states only, not {state!r}')
         ids = list(dict.fromkeys(evolution_ids))
@@ -486,6 +427,7 @@ class SQLAlchemyBackend(Backend):
                     progress_done=None, progress_total=None, progress_at=None))
 
     def delete_history(self, lease, evolution_ids):
+        from .sql_schema import history_table
         ids = list(evolution_ids)
         with self.engine.begin() as conn:
             self._fence(conn, lease)
