@@ -14,6 +14,8 @@ settings (``options``) and what to measure (``mode``):
     blocking evolution meanwhile, so every request gets the gate's 503.  Prints one JSON object.
 ``startup``
     seconds from app creation (``make_wsgi_app``) to its first 200.  Prints one JSON object.
+``startup_opcodes``
+    Python opcodes from app creation to its first 200, in every thread.  Prints one JSON object.
 ``member``
     a process of a cluster: builds the app, asks it for ``/`` every :data:`MEMBER_TICK` seconds
     until it answers 200, writes its phase changes to ``<dir>/<name>.phase`` as they happen and a
@@ -27,6 +29,7 @@ The benchmark evolution (:func:`blocking_evolution`) sends no statement of its o
 until the file :func:`finish_path` exists, so the orchestrator decides how long it runs.
 Started a second time (after its first runner was killed) it finishes at once.
 """
+import collections
 import json
 import os
 import sys
@@ -210,14 +213,14 @@ def plain_503(environ, start_response):
     return [b'Service Unavailable']
 
 
-def count_opcodes(function):
-    """Python opcodes executed by ``function()`` in this thread (and its return value)."""
-    executed = 0
+def count_opcodes(function, all_threads=False):
+    """Python opcodes executed by ``function()`` (and its return value): in this thread, or
+    with ``all_threads`` also in the threads it starts."""
+    executed = collections.Counter()  # per thread: each thread only ever updates its own key
 
     def trace_opcodes(frame, event, arg):
-        nonlocal executed
         if event == 'opcode':
-            executed += 1
+            executed[threading.get_ident()] += 1
         return trace_opcodes
 
     def trace_calls(frame, event, arg):
@@ -225,11 +228,14 @@ def count_opcodes(function):
         return trace_opcodes
 
     sys.settrace(trace_calls)
+    if all_threads:
+        threading.settrace(trace_calls)
     try:
         value = function()
     finally:
         sys.settrace(None)
-    return executed, value
+        threading.settrace(None)
+    return sum(executed.values()), value
 
 
 def _wait_for(predicate, what, timeout=120.0):
@@ -305,6 +311,25 @@ def measure_startup(job, statements):
             'statements': statements.count()}
 
 
+def measure_startup_opcodes(job, statements):
+    """Python opcodes from app creation to the first 200, in every thread of the process.
+
+    Deterministic where time is not, but blind to C code and to waits: a driver's connection
+    set-up (TLS, the server's reply) is not in it.
+    """
+    configurator = make_configurator(job['url'], job['plugged'], job.get('options', {}),
+                                     job['dir'], job.get('page', 'hello'))
+    environ = _environ()
+
+    def start_and_serve():
+        app, _ = make_app(configurator)
+        while call(app, environ) != 200:
+            time.sleep(0.001)
+
+    opcodes, _ = count_opcodes(start_and_serve, all_threads=True)
+    return {'opcodes': opcodes}
+
+
 def _write_json(path, value):
     temporary = f'{path}.{os.getpid()}.tmp'
     with open(temporary, 'w') as f:
@@ -338,7 +363,8 @@ def run_member(job, statements):
     return None
 
 
-MODES = {'opcodes': measure_opcodes, 'startup': measure_startup, 'member': run_member}
+MODES = {'opcodes': measure_opcodes, 'startup': measure_startup,
+         'startup_opcodes': measure_startup_opcodes, 'member': run_member}
 
 
 def main(argv):

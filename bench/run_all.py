@@ -6,7 +6,7 @@
 
 Each figure is a ratio against, or a count compared with, a baseline measured in the same run.
 The summary at the end is a reStructuredText table.  Exits with status 1 if a figure missed
-its target.  Takes about 8 minutes per database on a 2-core machine.
+its target.  Takes about 6-7 minutes per database on a 2-core machine.
 """
 import sys
 
@@ -45,7 +45,7 @@ def main(argv=None):
     p.add_argument('--runs', type=int, default=bench_cluster.RUNS,
                    help='runs of each multi-process scenario (median reported)')
     p.add_argument('--rounds', type=int, default=bench_startup.ROUNDS,
-                   help='start-up rounds per variant (median reported)')
+                   help='start-up rounds per variant (mean of the fastest quarter reported)')
     args = p.parse_args(argv)
     for kind in _harness.selected_kinds(args.db):
         print(f'--- {kind} ---', flush=True)
