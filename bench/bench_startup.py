@@ -6,11 +6,12 @@ is not counted).  Each process measures, on its own clock, the seconds from the 
 ``make_wsgi_app`` (TG's "make_app": app creation) to the first 200 of a request through the
 WSGI callable.  With tgext.evolve the first request waits for the runner's first look at the
 database, so that read is included.  Wall-clock time on a shared machine is noisy, and other
-processes only ever add to it: the figure is the ratio of the mean of the fastest quarter of the
-start-ups of each variant (the ratios of the single fastest and of the medians are shown beside
-it; the single fastest swung by +-10 % from one run to the next).  Beside it too: the Python opcodes executed from
-app creation to the first 200 in all threads, counted once per variant; deterministic, but blind
-to C code and to waiting on the database (a driver's connection set-up).
+processes only ever add to it: the figure is the ratio of the means of the fastest quarter of
+the start-ups of each variant (the ratios of the single fastest and of the medians are shown
+beside it; the single fastest swung by +-10 % from one run to the next).  Beside it too: the
+Python opcodes executed from app creation to the first 200 in all threads, counted once per
+variant; deterministic, but blind to C code and to waiting on the database (a driver's
+connection set-up).
 
 Also shown, for information: the seconds the process spends before app creation importing
 tgext.evolve and calling ``plugme`` (what the application's ``app_cfg.py`` does on import).
@@ -58,7 +59,8 @@ def _milliseconds(runs, key, summary=fastest_quarter):
 
 
 def measure_page(kind, url, workdir, page, rounds):
-    """Alternate bare / with tgext.evolve ``rounds`` times; report the ratio of the fastest.
+    """Alternate bare / with tgext.evolve ``rounds`` times; report the ratio of the fastest
+    quarters.
 
     Another process on the machine can only make a start-up slower, never faster, so the
     fastest runs are the best estimate of what start-up costs by itself.
@@ -90,7 +92,8 @@ def measure_page(kind, url, workdir, page, rounds):
                ['opcodes'] for plugged in (False, True)}
     _harness.report(f'start-up, {page} page', kind, ratio('seconds'), TARGET, 'x',
                     detail=f'fastest alone {ratio("seconds", min):.3f}x, medians '
-                           f'{ratio("seconds", statistics.median):.3f}x, CPU {ratio("cpu"):.3f}x, Python opcodes {opcodes[True]:,} / '
+                           f'{ratio("seconds", statistics.median):.3f}x, CPU '
+                           f'{ratio("cpu"):.3f}x, Python opcodes {opcodes[True]:,} / '
                            f'{opcodes[False]:,} = {opcodes[True] / opcodes[False]:.3f}x '
                            f'(information only)')
 

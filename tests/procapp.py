@@ -32,8 +32,9 @@ What a process records, for the test to judge (``<name>.json``, rewritten on eve
 the HTTP statuses it *observed* by asking itself ``GET /`` over HTTP from its first moment,
 run-length encoded (``[[503, 12], [200, 10]]``: "saw 503 then 200, never 200 then 503"), its
 gate phase, its runner's owner and applied evolutions, the server-side ids of every database
-connection it opened, and the time of every connection attempt (successful or not).  Its log
-(stderr) goes to ``<name>.log``.
+connection it opened, the time of every connection attempt (successful or not), and whether
+it built tgext.evolve's SQL tables (``built_sql_tables``).  Its log (stderr) goes to
+``<name>.log``.
 
 Under gunicorn every worker records the statuses it *served* in ``served-<pid>.json`` and
 adds an ``X-Procapp-Pid`` header to every response, so that a client can tell workers apart.
@@ -58,6 +59,10 @@ from tg import FullStackApplicationConfigurator, TGController, config as tg_conf
 from tg.configuration import milestones
 
 import tgext.evolve
+
+#: Loaded by a process's first lock or history write: one that starts on an evolved database
+#: only reads the history, and never needs it.
+SQL_SCHEMA_MODULE = 'tgext.evolve.backends.sql_schema'
 from tgext.evolve.plugin import service_for_config
 from tgext.evolve.state import UNREACHABLE, GateState
 
@@ -271,7 +276,8 @@ class Observer:
         self.outages = outages
         self.report = {'name': name, 'pid': os.getpid(), 'port': port, 'statuses': [],
                        'first_served': None, 'slowest_503': 0.0, 'phase': None, 'owner': None,
-                       'applied': [], 'connections': [], 'unreachable': []}
+                       'applied': [], 'connections': [], 'unreachable': [],
+                       'built_sql_tables': False}
 
     def _status(self):
         try:
@@ -303,7 +309,8 @@ class Observer:
         self.report.update(phase=service.state.phase, owner=runner.owner,
                            applied=list(runner.applied),
                            connections=list(self.connections.server_ids),
-                           unreachable=list(self.outages.times))
+                           unreachable=list(self.outages.times),
+                           built_sql_tables=SQL_SCHEMA_MODULE in sys.modules)
 
     def run(self):
         stable = False

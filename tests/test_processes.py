@@ -23,6 +23,9 @@ def test_processes_started_at_once_run_each_evolution_once_and_serve_after(sql_u
     assert outcome.problems() == []
     assert len(outcome.observed) == PROCESSES
     assert outcome.measures['late'] == [200]
+    # The latecomer only read the history: it never built the lock and history tables.
+    built = outcome.measures['built_sql_tables']
+    assert built == {name: not name.startswith('late') for name in built}
     # Exactly one row per evolution, committed together with its history record.
     assert outcome.side_effects == {'e1': 1, 'e2': 1, 'e3': 1}
     assert all(record.attempts == 1 for record in outcome.history.values())

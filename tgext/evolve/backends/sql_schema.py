@@ -51,7 +51,6 @@ legacy_table = sa.Table(
 )
 
 
-
 class db_now(FunctionElement):
     """The database's current time as float epoch seconds, with sub-second precision."""
     type = Time
