@@ -109,10 +109,13 @@ def child_environment():
     return env
 
 
-def measure(job):
-    """Run one measuring job (``opcodes``, ``startup``) in a fresh process; its JSON result."""
-    done = subprocess.run(_apps.command(job), env=child_environment(), capture_output=True,
-                          text=True, timeout=PROCESS_TIMEOUT)
+def measure(job, wrapper=()):
+    """Run one measuring job (``opcodes``, ``startup``) in a fresh process; its JSON result.
+
+    ``wrapper``: the argv of a program that runs the process (valgrind and its options).
+    """
+    done = subprocess.run([*wrapper, *_apps.command(job)], env=child_environment(),
+                          capture_output=True, text=True, timeout=PROCESS_TIMEOUT)
     if done.returncode != 0 or not done.stdout.strip():
         raise RuntimeError(f'benchmark process failed ({done.returncode}):\n{done.stderr}')
     return json.loads(done.stdout.strip().splitlines()[-1])
