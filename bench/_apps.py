@@ -349,8 +349,9 @@ def measure_startup_instructions(job, statements):
     (``bench_startup.callgrind_command``): callgrind counts every thread's instructions between
     the two calls, the driver's C code (TLS set-up, SQLite opening its file) included.  Like
     opcodes it is the same from one run to the next, and like them it does not see waiting
-    (the server's side of a connection).  ``requests`` should be 1: a first request that timed
-    out waiting for the first look (callgrind runs code ~50x slower) would add a retry.
+    (the server's side of a connection).  ``requests`` is 1 unless the first request gave up
+    waiting for the first look (callgrind runs code ~50x slower); each retry adds a 503, a
+    few thousand instructions in a count of over a hundred million.
     """
     configurator = make_configurator(job['url'], job['plugged'], job.get('options', {}),
                                      job['dir'], job.get('page', 'hello'))

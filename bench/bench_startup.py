@@ -66,8 +66,8 @@ def callgrind_command(out_file):
 
 
 def count_instructions(url, workdir, plugged, page):
-    """Machine instructions from app creation to the first 200 in every thread, C code included
-    (callgrind); None where valgrind is not installed."""
+    """``(instructions, requests)`` from app creation to the first 200 in every thread, C code
+    included (callgrind); None where valgrind is not installed."""
     if shutil.which('valgrind') is None:
         return None
     out_dir = tempfile.mkdtemp(prefix='callgrind-', dir=workdir)
@@ -77,13 +77,12 @@ def count_instructions(url, workdir, plugged, page):
         # One dump, written when the end mark was entered: anything else means a mark was hit
         # where it should not have been, and the count would not be the span.
         dumps = glob.glob(os.path.join(out_dir, 'out.*.*'))
-        if len(dumps) != 1 or result['requests'] != 1:
-            raise RuntimeError(f'callgrind: expected one dump of one request, got '
-                               f'{len(dumps)} dump(s) of {result["requests"]} request(s)')
+        if len(dumps) != 1:
+            raise RuntimeError(f'callgrind: expected one dump, got {len(dumps)}')
         with open(dumps[0]) as f:
             for line in f:
                 if line.startswith('summary:'):
-                    return int(line.split()[1])
+                    return int(line.split()[1]), result['requests']
         raise RuntimeError(f'callgrind: no summary line in {dumps[0]}')
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
@@ -139,15 +138,16 @@ def measure_page(kind, url, workdir, page, rounds):
                            f'{ratio("cpu"):.3f}x, Python opcodes {opcodes[True]:,} / '
                            f'{opcodes[False]:,} = {opcodes[True] / opcodes[False]:.3f}x '
                            f'(information only)')
-    instructions = {plugged: count_instructions(url, workdir, plugged, page)
-                    for plugged in (False, True)}
-    if None in instructions.values():
+    counted = {plugged: count_instructions(url, workdir, plugged, page)
+               for plugged in (False, True)}
+    if None in counted.values():
         _harness.info('valgrind is not installed: start-up instructions not counted')
         return
-    _harness.report(f'start-up instructions, {page} page', kind,
-                    instructions[True] / instructions[False], TARGET, 'x',
-                    detail=f'{instructions[True]:,} / {instructions[False]:,} machine '
-                           f'instructions (callgrind), waits not included')
+    (bare, _), (evolve, requests) = counted[False], counted[True]
+    retried = f'; the first 200 came at request {requests}' if requests > 1 else ''
+    _harness.report(f'start-up instructions, {page} page', kind, evolve / bare, TARGET, 'x',
+                    detail=f'{evolve:,} / {bare:,} machine instructions (callgrind), waits not '
+                           f'included{retried}')
 
 
 def run(kind, rounds=ROUNDS, pages=PAGES):
