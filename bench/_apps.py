@@ -181,11 +181,15 @@ def make_app(configurator):
     return app, service
 
 
+def job_configurator(job):
+    """The configurator a job describes: see :func:`make_configurator`."""
+    return make_configurator(job['url'], job['plugged'], job.get('options', {}), job['dir'],
+                             job.get('page', 'hello'), job.get('reports_progress', False))
+
+
 def build_app(job):
-    """The app a job describes: see :func:`make_configurator` and :func:`make_app`."""
-    return make_app(make_configurator(job['url'], job['plugged'], job.get('options', {}),
-                                      job['dir'], job.get('page', 'hello'),
-                                      job.get('reports_progress', False)))
+    """The app a job describes: see :func:`job_configurator` and :func:`make_app`."""
+    return make_app(job_configurator(job))
 
 
 def _environ():
@@ -209,6 +213,16 @@ def call(app, environ):
         if close is not None:
             close()
     return int(status[0][:3])
+
+
+def serve_first_200(app, environ):
+    """Ask until the app answers 200; the number of requests it took (1 once the app is ready,
+    or when the gate's wait for the first look ended in time)."""
+    requests = 1
+    while call(app, environ) != 200:
+        requests += 1
+        time.sleep(0.001)
+    return requests
 
 
 def plain_503(environ, start_response):
@@ -299,15 +313,12 @@ def measure_startup(job, statements):
     building the configurator (what the application's ``app_cfg.py`` does at import time).
     """
     started = time.perf_counter()
-    configurator = make_configurator(job['url'], job['plugged'], job.get('options', {}),
-                                     job['dir'], job.get('page', 'hello'))
+    configurator = job_configurator(job)
     creating = time.perf_counter()
     creating_cpu = time.process_time()
     app, service = make_app(configurator)
     created = time.perf_counter()
-    environ = _environ()
-    while call(app, environ) != 200:
-        time.sleep(0.001)
+    serve_first_200(app, _environ())
     served = time.perf_counter()
     return {'seconds': served - creating, 'configure': creating - started,
             'make_wsgi_app': created - creating, 'first_request': served - created,
@@ -321,14 +332,12 @@ def measure_startup_opcodes(job, statements):
     Deterministic where time is not, but blind to C code and to waits: a driver's connection
     set-up (TLS, the server's reply) is not in it.
     """
-    configurator = make_configurator(job['url'], job['plugged'], job.get('options', {}),
-                                     job['dir'], job.get('page', 'hello'))
+    configurator = job_configurator(job)
     environ = _environ()
 
     def start_and_serve():
         app, _ = make_app(configurator)
-        while call(app, environ) != 200:
-            time.sleep(0.001)
+        serve_first_200(app, environ)
 
     opcodes, _ = count_opcodes(start_and_serve, all_threads=True)
     return {'opcodes': opcodes}
@@ -353,15 +362,11 @@ def measure_startup_instructions(job, statements):
     waiting for the first look (callgrind runs code ~50x slower); each retry adds a 503, a
     few thousand instructions in a count of over a hundred million.
     """
-    configurator = make_configurator(job['url'], job['plugged'], job.get('options', {}),
-                                     job['dir'], job.get('page', 'hello'))
+    configurator = job_configurator(job)
     environ = _environ()
     math.lgamma(1.0)  # CALLGRIND_START_MARK
     app, _ = make_app(configurator)
-    requests = 1
-    while call(app, environ) != 200:
-        requests += 1
-        time.sleep(0.001)
+    requests = serve_first_200(app, environ)
     math.erfc(1.0)  # CALLGRIND_END_MARK
     return {'requests': requests}
 

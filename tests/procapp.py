@@ -59,12 +59,12 @@ from tg import FullStackApplicationConfigurator, TGController, config as tg_conf
 from tg.configuration import milestones
 
 import tgext.evolve
+from tgext.evolve.plugin import service_for_config
+from tgext.evolve.state import UNREACHABLE, GateState
 
 #: Loaded by a process's first lock or history write: one that starts on an evolved database
 #: only reads the history, and never needs it.
 SQL_SCHEMA_MODULE = 'tgext.evolve.backends.sql_schema'
-from tgext.evolve.plugin import service_for_config
-from tgext.evolve.state import UNREACHABLE, GateState
 
 #: The table evolutions write their side effects to: one row per ``write`` step committed.
 SIDE_EFFECTS = 'procapp_side_effects'
