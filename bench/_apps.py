@@ -55,6 +55,8 @@ MEMBER_DEADLINE = 600.0
 #: How often the benchmark evolution looks for its finish file.
 FINISH_POLL = 0.02
 EVOLUTION_ID = 'bench_blocking'
+#: ``tests/``, for its one wait-until helper (``polling.py``).
+TESTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tests')
 
 
 def command(job):
@@ -257,11 +259,10 @@ def count_opcodes(function, all_threads=False):
 
 
 def _wait_for(predicate, what, timeout=120.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise SystemExit(f'benchmark process {os.getpid()}: timed out waiting for {what}')
-        time.sleep(0.01)
+    # tests/polling.py, imported only here: the start-up modes, which are measured, never wait.
+    sys.path.append(TESTS_DIR)
+    import polling
+    polling.wait_until(predicate, what, timeout, interval=0.01)
 
 
 # --- modes -------------------------------------------------------------------------------------

@@ -18,14 +18,17 @@ import os
 import secrets
 import shutil
 import subprocess
+import sys
 import tempfile
-import time
 
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
 import _apps
+
+sys.path.append(_apps.TESTS_DIR)
+import polling  # noqa: E402 - tests/polling.py, the one wait-until helper
 
 SERVER_VARIABLES = {
     'postgresql': 'TGEXT_EVOLVE_TEST_POSTGRES_URL',
@@ -149,16 +152,16 @@ def member_report(workdir, name):
 
 
 def wait_until(predicate, what, timeout=PROCESS_TIMEOUT, processes=()):
-    """Poll ``predicate`` until true; fail on timeout or if one of ``processes`` died."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
+    """Poll ``predicate`` until true; fail on timeout or as soon as one of ``processes`` died
+    (waiting on for a dead member would only end at the timeout)."""
+    def condition():
         for process in processes:
             if process.poll() not in (None, 0):
                 raise RuntimeError(f'benchmark process {process.pid} exited with '
                                    f'{process.returncode} while waiting for {what}')
-        if time.monotonic() > deadline:
-            raise RuntimeError(f'timed out after {timeout} s waiting for {what}')
-        time.sleep(0.05)
+        return predicate()
+
+    polling.wait_until(condition, what, timeout, interval=0.05)
 
 
 @contextlib.contextmanager

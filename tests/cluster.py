@@ -22,7 +22,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
 import procapp
-import polling
+from polling import POLL, wait_until
 from tgext.evolve.backends.sqlalchemy import SQLAlchemyBackend
 
 TESTS_DIR = pathlib.Path(__file__).resolve().parent
@@ -32,17 +32,12 @@ PROCAPP = TESTS_DIR / 'procapp.py'
 DEADLINE = 120.0
 #: Deadline for many processes to import TurboGears and start (32 processes on 2 cores).
 START_DEADLINE = 300.0
-POLL = 0.02
 #: How often to look at every process's report: reading many files is not free.
 CLUSTER_POLL = 0.1
 
 #: What no healthy process ever logs: errors, and tgext.evolve's warnings (an outage, a lost
 #: lock, a failed renewal).
 TROUBLE = re.compile(r'Traceback|\b(ERROR|CRITICAL) |WARNING tgext\.evolve:')
-
-
-def wait_until(condition, what, timeout=DEADLINE, interval=POLL):
-    return polling.wait_until(condition, what, timeout, interval)
 
 
 def free_port():
@@ -238,7 +233,7 @@ class Cluster:
     def wait_entered(self, evolution_id, count=1, timeout=START_DEADLINE):
         return wait_until(lambda: len(self.entered(evolution_id)) >= count and
                           self.entered(evolution_id), f'{evolution_id} entered {count} time(s)',
-                          timeout)
+                          timeout, POLL)
 
     def process_of(self, pid):
         return next(p for p in self.processes if p.pid == pid)

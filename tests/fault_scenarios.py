@@ -32,7 +32,8 @@ from sqlalchemy.pool import NullPool
 
 import cluster
 import procapp
-from cluster import Cluster, ProcessSummary, wait_until
+from cluster import DEADLINE, Cluster, ProcessSummary
+from polling import wait_until
 from tgext.evolve.backends.base import APPLIED, FAILED
 
 #: Settings of the fault scenarios: short enough for a test, the real protocol all the same.
@@ -221,7 +222,8 @@ def leader_paused(url, workdir, count=3):
         _stop_between_renewals(c, leader)
         paused_at = time.time()
         others = [p for p in c.processes if p is not leader]
-        wait_until(lambda: c.lock().generation > generation, 'another process taking over')
+        wait_until(lambda: c.lock().generation > generation, 'another process taking over',
+                   DEADLINE)
         c.wait_entered(HELD, 2)
         c.release(HELD)
         c.wait_serving(others)
@@ -229,7 +231,7 @@ def leader_paused(url, workdir, count=3):
         history_before_resume = dict(c.history())
         leader.signal(signal.SIGCONT)
         c.wait_serving([leader])
-        wait_until(lambda: leader.log_lines('lock lost'), 'the resumed leader noticing')
+        wait_until(lambda: leader.log_lines('lock lost'), 'the resumed leader noticing', DEADLINE)
         failures = []
         if dict(c.history()) != history_before_resume:
             failures.append('the resumed leader changed the history')
@@ -249,7 +251,7 @@ def _stop_between_renewals(c, process):
     heartbeat interval (lease/3) of margin.
     """
     renewed = c.lock().renewed_at
-    wait_until(lambda: c.lock().renewed_at != renewed, 'a lease renewal', interval=0.005)
+    wait_until(lambda: c.lock().renewed_at != renewed, 'a lease renewal', DEADLINE, 0.005)
     process.signal(signal.SIGSTOP)
 
 
@@ -350,7 +352,7 @@ def unreachable_at_start(url, workdir, count=3, retries=5):
                 c.check_alive(processes)
                 return all(len(p.report.get('unreachable', [])) >= retries for p in processes)
 
-            wait_until(retried, f'every process retrying {retries} times')
+            wait_until(retried, f'every process retrying {retries} times', DEADLINE)
             outage.end()
             reachable_at = time.time()
             c.wait_serving(processes)
@@ -397,13 +399,15 @@ def connection_lost(url, workdir, target, count=2):
             # The heartbeat's own connection exists once it renewed while the work holds one.
             victims = wait_until(
                 lambda: set(leader.report.get('connections', ())) - {entered['connection_id']},
-                'the heartbeat opening its connection')
+                'the heartbeat opening its connection', DEADLINE)
         for connection_id in victims:
             cluster.terminate_connection(url, connection_id)
         lost_at = time.time()
-        wait_until(lambda: not cluster.open_connections(url, victims), 'connections gone')
+        wait_until(lambda: not cluster.open_connections(url, victims), 'connections gone',
+                   DEADLINE)
         if target == 'heartbeat':
-            wait_until(lambda: c.lock().renewed_at > lost_at, 'a renewal after the loss')
+            wait_until(lambda: c.lock().renewed_at > lost_at, 'a renewal after the loss',
+                       DEADLINE)
         c.release('e1')
         c.wait_serving()
         failures = []
@@ -433,10 +437,10 @@ def evolution_raises(url, workdir, on_failure, count=3, watch_polls=10, restart=
         c.prepare_database()
         first = c.start(count)
         wait_until(lambda: all(p.report.get('phase') == settled_phase for p in first),
-                   f'every process settling in {settled_phase}')
+                   f'every process settling in {settled_phase}', DEADLINE)
         attempts_settled = c.history()[HELD].attempts
         watch_end = time.monotonic() + watch_polls * POLL_INTERVAL
-        wait_until(lambda: time.monotonic() > watch_end, 'the watch window')
+        wait_until(lambda: time.monotonic() > watch_end, 'the watch window', DEADLINE)
         failed = c.history()[HELD]
         side_effects_failing = c.side_effects()
         first_start = [ProcessSummary.of(p) for p in first]
@@ -535,7 +539,7 @@ class Gunicorn:
         for thread in threads:
             thread.start()
         try:
-            return wait_until(lambda: self.check_alive() and condition(), what)
+            return wait_until(lambda: self.check_alive() and condition(), what, DEADLINE)
         finally:
             done.set()
             for thread in threads:

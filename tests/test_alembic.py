@@ -29,7 +29,8 @@ from sqlalchemy import orm
 from sqlalchemy.pool import NullPool
 
 import conftest
-from tgapps import tg_apps, wait_until  # noqa: F401 (fixture)
+from polling import wait_until
+from tgapps import tg_apps  # noqa: F401 (fixture)
 from tgext.evolve import AlembicUpgrade, ConfigurationError, Evolution, LeaseLost
 from tgext.evolve.backends.base import APPLIED
 from tgext.evolve.backends.sqlalchemy import SQLAlchemyBackend

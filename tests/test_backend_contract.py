@@ -24,7 +24,7 @@ from collections.abc import Mapping
 import pytest
 
 import backend_workers
-import polling
+from polling import wait_until
 from tgext.evolve.backends.base import (
     ADOPTED, APPLIED, DEFAULT_LOCK_NAME, FAILED, HISTORY_TABLE, LOCK_TABLE, MARKED,
     MAX_ID_LENGTH, MAX_OWNER_LENGTH, RUNNING, Backend, HistoryRecord, Lease, LegacyState,
@@ -43,14 +43,10 @@ DEADLINE = 15.0
 
 # --- helpers ------------------------------------------------------------------------------------
 
-def wait_for(condition, what, timeout=DEADLINE):
-    return polling.wait_until(condition, what, timeout, interval=0.05)
-
-
 def take_over(db, owner='owner-B', lease_seconds=LONG):
     """Another process waits for the current lease to expire and takes the lock."""
     thief = db.make_backend(with_session=False)
-    lease = wait_for(lambda: thief.acquire(owner, lease_seconds), what=f'takeover by {owner}')
+    lease = wait_until(lambda: thief.acquire(owner, lease_seconds), what=f'takeover by {owner}')
     return thief, lease
 
 
@@ -267,7 +263,7 @@ def test_takeover_after_expiry_bumps_generation(db, backend):
     thief.read_lock()  # connected before the clock starts
     old = backend.acquire('owner-A', 1.5)
     assert thief.acquire('owner-B', LONG) is None  # still held
-    new = wait_for(lambda: thief.acquire('owner-B', LONG), what='takeover')
+    new = wait_until(lambda: thief.acquire('owner-B', LONG), what='takeover')
     assert new.generation == old.generation + 1 == 2
     assert new.owner == 'owner-B'
     record = backend.read_lock()
@@ -314,7 +310,7 @@ def test_renew_extends_expiry_and_keeps_generation(backend):
 def test_renew_after_expiry_succeeds_while_nobody_took_over(backend):
     # Fencing is on (owner, generation): a late heartbeat still owns an unclaimed lock.
     lease = backend.acquire('owner-A', SHORT)
-    wait_for(lambda: not backend.read_lock().held, what='expiry')
+    wait_until(lambda: not backend.read_lock().held, what='expiry')
     renewed = backend.renew(lease)
     assert renewed.generation == lease.generation
     assert backend.read_lock().held
@@ -356,7 +352,7 @@ def test_read_lock_reports_now_held_and_expires_in(backend):
 
 def test_read_lock_reports_expired_lease_as_not_held(backend):
     backend.acquire('owner-A', SHORT)
-    record = wait_for(lambda: (lambda r: r if not r.held else None)(backend.read_lock()),
+    record = wait_until(lambda: (lambda r: r if not r.held else None)(backend.read_lock()),
                       what='expiry')
     assert record.owner == 'owner-A'
     assert record.expires_in <= 0
@@ -707,7 +703,7 @@ def test_apply_lease_stolen_during_work_raises_lease_lost(db, backend):
     def work():
         # The evolution outlives its lease (a long pause without heartbeat) and another
         # process takes the lock over; then the evolution writes.
-        stolen.append(wait_for(lambda: thief.acquire('owner-B', LONG), what='takeover'))
+        stolen.append(wait_until(lambda: thief.acquire('owner-B', LONG), what='takeover'))
         db.write_side_effect('evo-1')
 
     with pytest.raises(LeaseLost):
@@ -772,7 +768,7 @@ def _prepare_lock(db, backend, state):
     if state == 'released':
         assert backend.release(lease)
     else:
-        wait_for(lambda: not backend.read_lock().held, what='expiry')
+        wait_until(lambda: not backend.read_lock().held, what='expiry')
     return 2
 
 

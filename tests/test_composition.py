@@ -19,8 +19,8 @@ from tgext.pluggable import plug
 
 import conftest
 import tgext.evolve
-from tgapps import (FAST, EvolvingApp, NoteEvolution, tg_apps, unwrap_middlewares,  # noqa: F401
-                    wait_until)
+from polling import wait_until
+from tgapps import FAST, EvolvingApp, NoteEvolution, tg_apps, unwrap_middlewares  # noqa: F401
 from tgext.evolve import ConfigurationError, Evolution, operations
 from tgext.evolve.backends.base import APPLIED
 from tgext.evolve.backends.sqlalchemy import SQLAlchemyBackend

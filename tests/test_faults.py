@@ -18,10 +18,10 @@ import time
 import pytest
 from pymongo.errors import AutoReconnect
 
-import cluster
 import conftest
 import fault_scenarios
 from fault_scenarios import LEASE, POLL_INTERVAL, TAKEOVER_MARGIN
+from polling import wait_until
 from tgext.evolve import Evolution
 from tgext.evolve.backends.base import APPLIED, FAILED, RUNNING
 from tgext.evolve.options import Settings
@@ -203,11 +203,11 @@ def run_behind_a_locked_file(locked_sqlite, caplog, lease, until):
     with caplog.at_level(logging.DEBUG, logger='tgext.evolve'):
         runner.start()
         try:
-            wait_for(lambda: until([r.getMessage() for r in caplog.records]),
+            wait_until(lambda: until([r.getMessage() for r in caplog.records]),
                      'the runner finding the database busy')
             assert not runner.state.open
             writer.execute('COMMIT')
-            wait_for(lambda: runner.state.open, 'the runner serving')
+            wait_until(lambda: runner.state.open, 'the runner serving')
         finally:
             runner.stop(MONGO_DEADLINE)
     return runner, evolution
@@ -330,10 +330,6 @@ def started(runner):
     return runner
 
 
-def wait_for(condition, what):
-    return cluster.wait_until(condition, what, MONGO_DEADLINE, interval=0.01)
-
-
 def test_mongo_dead_holder_is_taken_over_after_its_lease(mongo):
     dead = mongo.make_backend()
     dead.ensure_storage()
@@ -342,7 +338,7 @@ def test_mongo_dead_holder_is_taken_over_after_its_lease(mongo):
     dead_since = time.time()
     runner = started(Runner(mongo.make_backend(), evolutions_for(mongo), MONGO_SETTINGS))
     try:
-        wait_for(lambda: runner.state.open, 'the survivor serving')
+        wait_until(lambda: runner.state.open, 'the survivor serving')
     finally:
         runner.stop(MONGO_DEADLINE)
     history = runner.backend.read_history()
@@ -364,12 +360,12 @@ def test_mongo_paused_holder_records_nothing_and_starts_nothing(mongo):
         assert paused_evolutions[1].entered.wait(MONGO_DEADLINE)
         paused_backend.running.clear()  # SIGSTOP
         taker = started(Runner(mongo.make_backend(), evolutions_for(mongo), MONGO_SETTINGS))
-        wait_for(lambda: taker.state.open, 'the other runner taking over and finishing')
+        wait_until(lambda: taker.state.open, 'the other runner taking over and finishing')
         taker.stop(MONGO_DEADLINE)
         before_resume = taker.backend.read_history()
         paused_backend.running.set()  # SIGCONT
         paused_evolutions[1].resume.set()
-        wait_for(lambda: paused.state.open, 'the resumed runner serving')
+        wait_until(lambda: paused.state.open, 'the resumed runner serving')
     finally:
         paused_backend.running.set()
         paused_evolutions[1].resume.set()
@@ -389,7 +385,7 @@ def test_mongo_connection_lost_in_an_evolution_is_retried_not_failed(mongo, capl
     runner = started(Runner(mongo.make_backend(), evolutions, MONGO_SETTINGS))
     with caplog.at_level(logging.INFO, logger='tgext.evolve'):
         try:
-            wait_for(lambda: runner.state.open, 'the runner serving')
+            wait_until(lambda: runner.state.open, 'the runner serving')
         finally:
             runner.stop(MONGO_DEADLINE)
     record = runner.backend.read_history()['e1']
@@ -404,7 +400,7 @@ def test_mongo_failing_evolution_blocks_until_a_fixed_restart(mongo):
                            [WritingEvolution('e1', mongo), FailingEvolution('e2')],
                            MONGO_SETTINGS))
     try:
-        wait_for(lambda: first.state.phase == 'failed', 'the failure blocking')
+        wait_until(lambda: first.state.phase == 'failed', 'the failure blocking')
     finally:
         first.stop(MONGO_DEADLINE)
     failed = first.backend.read_history()['e2']
@@ -412,7 +408,7 @@ def test_mongo_failing_evolution_blocks_until_a_fixed_restart(mongo):
     assert 'RuntimeError: e2 fails on purpose' in failed.error
     restarted = started(Runner(mongo.make_backend(), evolutions_for(mongo), MONGO_SETTINGS))
     try:
-        wait_for(lambda: restarted.state.open, 'the fixed restart serving')
+        wait_until(lambda: restarted.state.open, 'the fixed restart serving')
     finally:
         restarted.stop(MONGO_DEADLINE)
     history = restarted.backend.read_history()

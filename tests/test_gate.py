@@ -10,8 +10,9 @@ import threading
 
 import pytest
 
-from tgapps import (DEADLINE, ERROR_PAGE_BLUEPRINT, ERROR_PAGE_MARK, BlockingEvolution,
-                    NoteEvolution, tg_apps, wait_until)  # noqa: F401 (fixture)
+from polling import DEADLINE, wait_until
+from tgapps import (ERROR_PAGE_BLUEPRINT, ERROR_PAGE_MARK, BlockingEvolution,  # noqa: F401
+                    NoteEvolution, tg_apps)
 
 RETRY_AFTER = 7
 FULLSTACK = ('fullstack', 'plugme')

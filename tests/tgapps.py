@@ -39,14 +39,10 @@ from tg.wsgiapp import TGApp
 from tgext.pluggable import plug
 
 import conftest
-import polling
 import tgext.evolve
 from tgext.evolve import Evolution
 from tgext.evolve.plugin import service_for_config
-
-#: How long a test waits for something that normally takes well under a second.  Generous: the
-#: machine is shared, and PostgreSQL/MySQL DDL can take a while under load.
-DEADLINE = 30.0
+from polling import DEADLINE, wait_until
 
 #: The ways an application plugs tgext.evolve: (configurator, plug style).  tgext.pluggable 0.9
 #: does not support the legacy AppConfig at all (it calls ``configurator.register``), so an
@@ -64,10 +60,6 @@ NOTES = 'tgapp_notes'
 #: Settings that keep the tests quick: a waiting process re-reads the database every 0.1 s.
 #: The lease is long so that a heartbeat never runs during a Ming test (MIM is not thread-safe).
 FAST = {'poll_interval': 0.1, 'lease': 60}
-
-
-def wait_until(condition, what, timeout=DEADLINE, interval=0.02):
-    return polling.wait_until(condition, what, timeout, interval)
 
 
 # --- models: what a quickstarted project's ``model`` package offers -----------------------------
