@@ -34,7 +34,7 @@ import cluster
 import procapp
 from cluster import DEADLINE, Cluster, ProcessSummary
 from polling import wait_until
-from tgext.evolve.backends.base import APPLIED, FAILED
+from tgext.evolve.records import APPLIED, FAILED
 
 #: Settings of the fault scenarios: short enough for a test, the real protocol all the same.
 LEASE = 2.0

@@ -32,7 +32,7 @@ import conftest
 from polling import wait_until
 from tgapps import tg_apps  # noqa: F401 (fixture)
 from tgext.evolve import AlembicUpgrade, ConfigurationError, Evolution, LeaseLost
-from tgext.evolve.backends.base import APPLIED
+from tgext.evolve.records import APPLIED
 from tgext.evolve.backends.sqlalchemy import SQLAlchemyBackend
 
 TESTS_DIR = pathlib.Path(__file__).resolve().parent

@@ -25,11 +25,11 @@ import pytest
 
 import backend_workers
 from polling import wait_until
-from tgext.evolve.backends.base import (
-    ADOPTED, APPLIED, DEFAULT_LOCK_NAME, FAILED, HISTORY_TABLE, LOCK_TABLE, MARKED,
-    MAX_ID_LENGTH, MAX_OWNER_LENGTH, RUNNING, Backend, HistoryRecord, Lease, LegacyState,
-    LockRecord)
+from tgext.evolve.backends.base import HISTORY_TABLE, LOCK_TABLE, Backend
 from tgext.evolve.errors import LeaseLost
+from tgext.evolve.records import (
+    ADOPTED, APPLIED, DEFAULT_LOCK_NAME, FAILED, MARKED, MAX_ID_LENGTH, MAX_OWNER_LENGTH, RUNNING,
+    HistoryRecord, Lease, LegacyState, LockRecord)
 
 #: Slack for comparing two readings of the same clock taken around one call.
 CLOCK_TOLERANCE = 0.05

@@ -16,7 +16,7 @@ import pytest
 import tgext.evolve
 from tgapps import NoteEvolution, app_style, database_url, tg_apps  # noqa: F401 (fixtures)
 from tgext.evolve import ConfigurationError, Evolution
-from tgext.evolve.backends.base import APPLIED, MAX_ID_LENGTH
+from tgext.evolve.records import APPLIED, MAX_ID_LENGTH
 from tgext.evolve.options import Settings
 
 PACKAGE_DIR = pathlib.Path(tgext.evolve.__file__).resolve().parent

@@ -22,7 +22,7 @@ import tgext.evolve
 from polling import wait_until
 from tgapps import FAST, EvolvingApp, NoteEvolution, tg_apps, unwrap_middlewares  # noqa: F401
 from tgext.evolve import ConfigurationError, Evolution, operations
-from tgext.evolve.backends.base import APPLIED
+from tgext.evolve.records import APPLIED
 from tgext.evolve.backends.sqlalchemy import SQLAlchemyBackend
 from tgext.evolve.state import MISCONFIGURED
 

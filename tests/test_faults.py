@@ -23,7 +23,7 @@ import fault_scenarios
 from fault_scenarios import LEASE, POLL_INTERVAL, TAKEOVER_MARGIN
 from polling import wait_until
 from tgext.evolve import Evolution
-from tgext.evolve.backends.base import APPLIED, FAILED, RUNNING
+from tgext.evolve.records import APPLIED, FAILED, RUNNING
 from tgext.evolve.options import Settings
 from tgext.evolve.runner import Runner
 

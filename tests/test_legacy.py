@@ -19,7 +19,8 @@ from sqlalchemy.pool import NullPool
 
 import conftest
 from tgapps import NoteEvolution, database_url, tg_apps  # noqa: F401 (fixtures)
-from tgext.evolve.backends.base import ADOPTED, APPLIED, LEGACY_TABLE
+from tgext.evolve.backends.base import LEGACY_TABLE
+from tgext.evolve.records import ADOPTED, APPLIED
 
 FULLSTACK_PLUGME = ('fullstack', 'plugme')
 

@@ -26,7 +26,7 @@ from tg.configuration.sqla.balanced_session import BalancedSession
 import conftest
 from tgapps import tg_apps  # noqa: F401 (fixture)
 from tgext.evolve import Evolution
-from tgext.evolve.backends.base import APPLIED
+from tgext.evolve.records import APPLIED
 from tgext.evolve.backends.sqlalchemy import SQLAlchemyBackend
 
 FULLSTACK_PLUGME = ('fullstack', 'plugme')

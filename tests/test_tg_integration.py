@@ -18,7 +18,8 @@ import sqlalchemy as sa
 from tgapps import (ERROR_PAGE_BLUEPRINT, ERROR_PAGE_MARK, FailingEvolution, NoteEvolution,
                     app_style, application_wrappers, database_url, tg_apps,  # noqa: F401
                     unwrap_middlewares)
-from tgext.evolve.backends.base import APPLIED, FAILED, HISTORY_TABLE, LOCK_TABLE
+from tgext.evolve.backends.base import HISTORY_TABLE, LOCK_TABLE
+from tgext.evolve.records import APPLIED, FAILED
 from tgext.evolve.gate import MaintenanceApplicationWrapper, MaintenanceMiddleware
 
 RETRY_AFTER = 7

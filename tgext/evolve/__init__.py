@@ -3,11 +3,12 @@
 The public API is what this module exports; everything else is internal.
 """
 from .alembic_upgrade import AlembicUpgrade
-from .errors import ConfigurationError, EvolutionFailed, EvolveError, LeaseLost
+from .errors import (ConfigurationError, EvolutionFailed, EvolveError, LeaseLost, LockWaitTimeout,
+                     OperationRefused)
 from .evolution import Evolution
 from .plugin import plugme
 
 __version__ = '1.0.0.dev0'
 
 __all__ = ['plugme', 'Evolution', 'AlembicUpgrade', 'EvolveError', 'ConfigurationError',
-           'LeaseLost', 'EvolutionFailed', '__version__']
+           'LeaseLost', 'EvolutionFailed', 'OperationRefused', 'LockWaitTimeout', '__version__']

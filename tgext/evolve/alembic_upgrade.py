@@ -8,10 +8,10 @@ optional dependency (``tgext.evolve[alembic]``).
 import hashlib
 import os
 
-from .backends.base import MAX_ID_LENGTH
 from .errors import ConfigurationError
 from .evolution import Evolution
 from .forking import log
+from .records import MAX_ID_LENGTH
 
 
 

@@ -14,7 +14,8 @@ import time
 from gearbox.command import Command
 
 from . import operations
-from .errors import ConfigurationError
+from .errors import ConfigurationError, LockWaitTimeout, OperationRefused
+from .records import FAILED
 from .runner import RunListener
 
 log = logging.getLogger('tgext.evolve')
@@ -92,10 +93,10 @@ class EvolveCommand(Command):
         try:
             service = operations.load_service(opts.config_file, opts.app_name)
             return _VERBS[opts.verb](service, opts)
-        except (ConfigurationError, operations.OperationRefused) as e:
+        except (ConfigurationError, OperationRefused) as e:
             _error(e)
             return EXIT_REFUSED
-        except operations.LockWaitTimeout as e:
+        except LockWaitTimeout as e:
             _error(e)
             return EXIT_TIMEOUT
         except KeyboardInterrupt:
@@ -213,7 +214,7 @@ def _status_detail(evolution):
         progress = _recorded_progress(record)
         shown = f', {_progress_text(progress)}' if progress else ''
         return f'since {_when(record.started_at)}{shown}, by {record.owner}'
-    if evolution.state == 'failed':
+    if evolution.state == FAILED:
         return (f'{_when(record.finished_at)}, attempt {record.attempts}: '
                 f'{_error_summary(record.error)}')
     if evolution.reason is not None:
@@ -275,7 +276,7 @@ def _history(service, opts):
         found = {record.evolution_id: (record, registered) for record, registered in rows}
         missing = [i for i in opts.ids if i not in found]
         if missing:
-            raise operations.OperationRefused(
+            raise OperationRefused(
                 f'history: nothing recorded for {", ".join(map(repr, missing))}')
         rows = [found[i] for i in dict.fromkeys(opts.ids)]
     if opts.json:

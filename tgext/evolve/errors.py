@@ -1,4 +1,8 @@
-"""Exceptions raised by tgext.evolve."""
+"""Every error of tgext.evolve that a user can catch: all exported by ``tgext.evolve``.
+
+A caller's mistake that no user input can cause (a backend asked to record a state that is not
+a done state) stays a plain ``ValueError``.
+"""
 
 
 class EvolveError(Exception):
@@ -20,3 +24,12 @@ class EvolutionFailed(EvolveError):
         super().__init__(f'evolution {evolution_id!r} failed: {error}')
         self.evolution_id = evolution_id
         self.error = error
+
+
+class OperationRefused(EvolveError):
+    """A ``gearbox evolve`` verb (or its function in ``tgext.evolve.operations``) names unknown
+    evolutions or would be unsafe; nothing was changed."""
+
+
+class LockWaitTimeout(EvolveError):
+    """Another process held the lock for longer than the caller was willing to wait."""

@@ -1,7 +1,7 @@
 """The :class:`Evolution` base class and the checks run on what an application registers."""
 
-from .backends.base import MAX_ID_LENGTH
 from .errors import ConfigurationError
+from .records import MAX_ID_LENGTH
 
 
 class Evolution:

@@ -19,25 +19,17 @@ import sys
 import time
 from typing import Optional
 
-from .backends.base import FAILED, MARKED, RUNNING, HistoryRecord, LockRecord
-from .errors import ConfigurationError, EvolveError
+from .errors import ConfigurationError, LockWaitTimeout, OperationRefused
 from .plugin import SERVICE_KEY, service_for_config
 from .planning import fingerprints, plan as plan_steps, run_order
+from .records import FAILED, MARKED, RUNNING, HistoryRecord, LockRecord
 from .runner import AGAIN, DONE, Runner, legacy_adoptions, make_owner
-from .state import FAILED as BLOCKED, MISCONFIGURED, READY, WAITING
+from .state import BLOCKED, MISCONFIGURED, READY, WAITING
 
 log = logging.getLogger('tgext.evolve')
 
 #: The state ``status`` shows for an evolution that ``run`` would run.
 PENDING = 'pending'
-
-
-class OperationRefused(EvolveError):
-    """The request names unknown evolutions or would be unsafe; nothing was changed."""
-
-
-class LockWaitTimeout(EvolveError):
-    """Another process held the lock for longer than the caller was willing to wait."""
 
 
 # --- loading the application -----------------------------------------------------------------

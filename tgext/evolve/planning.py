@@ -13,8 +13,8 @@ import graphlib
 import heapq
 from typing import NamedTuple, Optional
 
-from .backends.base import FAILED, MAX_ID_LENGTH, RUNNING, HistoryRecord
 from .errors import ConfigurationError
+from .records import FAILED, MAX_ID_LENGTH, RUNNING, HistoryRecord
 
 
 class PlannedStep(NamedTuple):

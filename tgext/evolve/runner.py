@@ -14,12 +14,12 @@ import threading
 import time
 import traceback
 
-from .backends.base import DEFAULT_LOCK_NAME, FAILED, ADOPTED
 from .errors import ConfigurationError, LeaseLost
 from .forking import log
 from .planning import fingerprints, plan
-from .state import (EVOLVING, FAILED as FAILED_PHASE, MISCONFIGURED, READY, SERVING_AFTER_FAILURE,
-                    UNREACHABLE, WAITING, GateState)
+from .records import ADOPTED, DEFAULT_LOCK_NAME, FAILED
+from .state import (BLOCKED, EVOLVING, MISCONFIGURED, READY, SERVING_AFTER_FAILURE, UNREACHABLE,
+                    WAITING, GateState)
 
 
 #: Ceiling of the retry delay while the database cannot be reached.
@@ -303,7 +303,7 @@ class Runner:
                        'evolution %r failed (%d attempts); on_failure = serve: serving without it',
                        step.evolution_id, record.attempts)
             return DONE
-        self.state.set_phase(FAILED_PHASE)
+        self.state.set_phase(BLOCKED)
         self._note(('blocked', step.evolution_id, record.attempts), logging.ERROR,
                    'evolution %r failed (%d attempts); on_failure = block: answering 503 until it '
                    'is fixed and retried (restart, or gearbox evolve retry %s)',

@@ -5,7 +5,9 @@ STARTING = 'starting'  # nothing read from the database yet
 UNREACHABLE = 'unreachable'  # the database cannot be reached; retrying with backoff
 WAITING = 'waiting'  # evolutions pending, another process holds the lock
 EVOLVING = 'evolving'  # this process holds the lock and runs evolutions
-FAILED = 'failed'  # an evolution failed and on_failure = block
+# An evolution failed and on_failure = block.  The value predates the name: it is what reports,
+# logs and ``gearbox evolve run`` ("still pending (failed)") have always shown.
+BLOCKED = 'failed'
 MISCONFIGURED = 'misconfigured'  # depends_on names an id neither registered nor done
 READY = 'ready'  # nothing pending: serve
 SERVING_AFTER_FAILURE = 'serving-after-failure'  # an evolution failed and on_failure = serve

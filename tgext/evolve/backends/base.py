@@ -23,85 +23,14 @@ The runner (``tgext.evolve.runner``) is the only caller during normal operation;
 the same methods.  Backends know nothing about HTTP, TurboGears requests or the runner's state.
 """
 import abc
-from typing import Callable, Iterable, Mapping, NamedTuple, Optional
+from typing import Callable, Iterable, Mapping, Optional
 
+from ..records import DEFAULT_LOCK_NAME, HistoryRecord, Lease, LegacyState, LockRecord
+
+#: The stores, named the same on every database.
 LOCK_TABLE = 'tgext_evolve_lock'
 HISTORY_TABLE = 'tgext_evolve_history'
 LEGACY_TABLE = 'tgext_evolve'
-DEFAULT_LOCK_NAME = 'tgext.evolve'
-
-#: History states.  ``running`` is written before ``evolve()`` starts so a crash is visible.
-RUNNING = 'running'
-APPLIED = 'applied'
-FAILED = 'failed'
-ADOPTED = 'adopted'  # applied by tgext.evolve 0.0.5, taken over from its ``tgext_evolve`` store
-MARKED = 'marked'  # recorded as applied by an operator without running it
-STATES = (RUNNING, APPLIED, FAILED, ADOPTED, MARKED)
-#: States that mean "this evolution's work is in the database".
-DONE_STATES = frozenset((APPLIED, ADOPTED, MARKED))
-
-MAX_ID_LENGTH = 128
-MAX_OWNER_LENGTH = 255
-
-# The records are NamedTuples rather than frozen dataclasses: defining a dataclass generates
-# and compiles its methods, ~1.5 ms each at every process's start-up.
-
-
-class Lease(NamedTuple):
-    """Proof of holding the lock: what every fenced write checks."""
-    name: str
-    owner: str
-    generation: int
-    expires_at: float
-    lease_seconds: float
-
-
-class LockRecord(NamedTuple):
-    """The lock record as read, with the database clock at the time of reading."""
-    name: str
-    owner: Optional[str]  # None once released
-    generation: int
-    acquired_at: Optional[float]
-    renewed_at: Optional[float]
-    expires_at: Optional[float]
-    released_by: Optional[str]
-    now: float  # the clock that decides expiry, read in the same query
-
-    @property
-    def held(self) -> bool:
-        """True while an owner holds an unexpired lease."""
-        return self.owner is not None and self.expires_at is not None and self.expires_at > self.now
-
-    @property
-    def expires_in(self) -> Optional[float]:
-        if self.owner is None or self.expires_at is None:
-            return None
-        return self.expires_at - self.now
-
-
-class HistoryRecord(NamedTuple):
-    evolution_id: str
-    state: str
-    attempts: int = 0
-    started_at: Optional[float] = None
-    finished_at: Optional[float] = None
-    duration_ms: Optional[float] = None
-    owner: Optional[str] = None
-    generation: Optional[int] = None
-    error: Optional[str] = None
-    progress_done: Optional[int] = None
-    progress_total: Optional[int] = None
-    fingerprint: Optional[str] = None
-
-    @property
-    def done(self) -> bool:
-        return self.state in DONE_STATES
-
-
-class LegacyState(NamedTuple):
-    """What tgext.evolve 0.0.5 left in its ``tgext_evolve`` table or collection."""
-    version: Optional[str]  # the last evolution id it applied
-    lock_holder: Optional[str]  # the pid in a leftover 0.0.5 lock, ignored but reported
 
 
 class Backend(abc.ABC):

@@ -44,6 +44,7 @@ from pymongo import ASCENDING, ReadPreference, ReturnDocument
 from pymongo.errors import ConnectionFailure, DuplicateKeyError, OperationFailure, PyMongoError
 from pymongo.write_concern import WriteConcern
 
+from .. import records
 from ..errors import LeaseLost
 from ..forking import log
 from . import base
@@ -65,7 +66,7 @@ _RACING_CREATE_CODES = frozenset((
 ))
 _CREATE_ATTEMPTS = 5
 
-_HISTORY_FIELDS = base.HistoryRecord._fields
+_HISTORY_FIELDS = records.HistoryRecord._fields
 # Every history document carries every field, as the SQL table does; ``progress_at`` (when the
 # progress was last reported) exists only here.
 _BLANK_HISTORY = {**dict.fromkeys(_HISTORY_FIELDS), 'attempts': 0, 'progress_at': None}
@@ -144,16 +145,16 @@ class MingBackend(base.Backend):
 
     # --- reading -------------------------------------------------------------------------------
 
-    def read_history(self) -> Mapping[str, base.HistoryRecord]:
+    def read_history(self) -> Mapping[str, records.HistoryRecord]:
         with self._guard():
             return {doc['_id']: _history_record(doc) for doc in self._history.find()}
 
-    def read_lock(self, name: str = base.DEFAULT_LOCK_NAME) -> Optional[base.LockRecord]:
+    def read_lock(self, name: str = records.DEFAULT_LOCK_NAME) -> Optional[records.LockRecord]:
         with self._guard():
             doc = self._locks.find_one({'_id': name})
         return None if doc is None else _lock_record(doc, time.time())
 
-    def read_legacy(self) -> Optional[base.LegacyState]:
+    def read_legacy(self) -> Optional[records.LegacyState]:
         with self._guard():
             # Looking the collection up first: MIM creates a collection merely by being asked
             # for it, and reading must not leave an empty ``tgext_evolve`` behind.
@@ -166,13 +167,13 @@ class MingBackend(base.Backend):
         if version is None and lock is None:
             return None
         holder = None if lock is None else lock.get('process')
-        return base.LegacyState(version=None if version is None else version.get('current'),
+        return records.LegacyState(version=None if version is None else version.get('current'),
                                 lock_holder=None if holder is None else str(holder))
 
     # --- the lease -----------------------------------------------------------------------------
 
     def acquire(self, owner: str, lease_seconds: float,
-                name: str = base.DEFAULT_LOCK_NAME) -> Optional[base.Lease]:
+                name: str = records.DEFAULT_LOCK_NAME) -> Optional[records.Lease]:
         with self._guard():
             now = time.time()
             expires_at = now + lease_seconds
@@ -180,7 +181,7 @@ class MingBackend(base.Backend):
                      'expires_at': expires_at, 'released_by': None}
             try:
                 self._locks.insert_one({'_id': name, 'name': name, 'generation': 1, **taken})
-                return base.Lease(name, owner, 1, expires_at, lease_seconds)
+                return records.Lease(name, owner, 1, expires_at, lease_seconds)
             except DuplicateKeyError:
                 pass
             current = self._locks.find_one({'_id': name})
@@ -199,15 +200,15 @@ class MingBackend(base.Backend):
         if current['owner'] is not None:
             log.warning('lock %r: the lease of %s expired %.1f s ago, taken over by %s',
                         name, current['owner'], now - current['expires_at'], owner)
-        return base.Lease(name, owner, generation, expires_at, lease_seconds)
+        return records.Lease(name, owner, generation, expires_at, lease_seconds)
 
-    def renew(self, lease: base.Lease) -> base.Lease:
+    def renew(self, lease: records.Lease) -> records.Lease:
         with self._guard():
             now = time.time()
             self._fence(lease, now)
         return lease._replace(expires_at=now + lease.lease_seconds)
 
-    def release(self, lease: base.Lease) -> bool:
+    def release(self, lease: records.Lease) -> bool:
         with self._guard():
             released = self._locks.find_one_and_update(
                 _held_by(lease), {'$set': {'owner': None, 'released_by': lease.owner}},
@@ -215,7 +216,7 @@ class MingBackend(base.Backend):
         return released is not None
 
     def break_lock(self, broken_by: str,
-                   name: str = base.DEFAULT_LOCK_NAME) -> Optional[base.LockRecord]:
+                   name: str = records.DEFAULT_LOCK_NAME) -> Optional[records.LockRecord]:
         with self._guard():
             now = time.time()
             before = self._locks.find_one_and_update(
@@ -236,20 +237,20 @@ class MingBackend(base.Backend):
 
     # --- fenced history writes -----------------------------------------------------------------
 
-    def record_running(self, lease: base.Lease, evolution_id: str,
-                       fingerprint: Optional[str] = None) -> base.HistoryRecord:
+    def record_running(self, lease: records.Lease, evolution_id: str,
+                       fingerprint: Optional[str] = None) -> records.HistoryRecord:
         with self._guard():
             now = time.time()
             self._fence(lease, now)
             return self._write_history(
                 evolution_id,
-                {'state': base.RUNNING, 'started_at': now, 'finished_at': None,
+                {'state': records.RUNNING, 'started_at': now, 'finished_at': None,
                  'duration_ms': None, 'owner': lease.owner, 'generation': lease.generation,
                  'error': None, 'fingerprint': fingerprint, **_NOT_PROGRESSED},
                 count_attempt=True)
 
-    def apply(self, lease: base.Lease, evolution_id: str, work: Callable[[], None],
-              fingerprint: Optional[str] = None) -> base.HistoryRecord:
+    def apply(self, lease: records.Lease, evolution_id: str, work: Callable[[], None],
+              fingerprint: Optional[str] = None) -> records.HistoryRecord:
         # Checked before the work too, so that a lease lost since record_running does not start
         # work that nothing could ever record.
         with self._guard():
@@ -264,16 +265,16 @@ class MingBackend(base.Backend):
             # tracks would only keep the runner's thread holding memory.
             if self.session is not None:
                 self._clear_session()
-        finished = {'state': base.APPLIED, 'error': None}
+        finished = {'state': records.APPLIED, 'error': None}
         if fingerprint is not None:
             finished['fingerprint'] = fingerprint
         return self._finish(lease, evolution_id, finished)
 
-    def record_failure(self, lease: base.Lease, evolution_id: str,
-                       error: str) -> base.HistoryRecord:
-        return self._finish(lease, evolution_id, {'state': base.FAILED, 'error': error})
+    def record_failure(self, lease: records.Lease, evolution_id: str,
+                       error: str) -> records.HistoryRecord:
+        return self._finish(lease, evolution_id, {'state': records.FAILED, 'error': error})
 
-    def record_progress(self, lease: base.Lease, evolution_id: str, done: int,
+    def record_progress(self, lease: records.Lease, evolution_id: str, done: int,
                         total: Optional[int]) -> None:
         with self._guard():
             now = time.time()
@@ -282,15 +283,14 @@ class MingBackend(base.Backend):
                 {'_id': evolution_id},
                 {'$set': {'progress_done': done, 'progress_total': total, 'progress_at': now}})
 
-    def record_states(self, lease: base.Lease, evolution_ids: Iterable[str], state: str) -> None:
-        if state not in base.DONE_STATES:
-            raise ValueError(f'record_states() records done states only, not {state!r}')
+    def record_states(self, lease: records.Lease, evolution_ids: Iterable[str], state: str) -> None:
+        records.require_done_state(state)
         evolution_ids = list(dict.fromkeys(evolution_ids))
         with self._guard():
             now = time.time()
             self._fence(lease, now)
             done = {doc['_id'] for doc in self._history.find(
-                {'_id': {'$in': evolution_ids}, 'state': {'$in': sorted(base.DONE_STATES)}},
+                {'_id': {'$in': evolution_ids}, 'state': {'$in': sorted(records.DONE_STATES)}},
                 projection={'_id': True})}
             for evolution_id in evolution_ids:
                 if evolution_id not in done:
@@ -299,7 +299,7 @@ class MingBackend(base.Backend):
                         'finished_at': now, 'duration_ms': 0.0,
                         'owner': lease.owner, 'generation': lease.generation})
 
-    def delete_history(self, lease: base.Lease, evolution_ids: Iterable[str]) -> int:
+    def delete_history(self, lease: records.Lease, evolution_ids: Iterable[str]) -> int:
         evolution_ids = list(evolution_ids)
         with self._guard():
             self._fence(lease, time.time())
@@ -360,7 +360,7 @@ def _held_by(lease):
 
 
 def _lock_record(doc, now):
-    return base.LockRecord(
+    return records.LockRecord(
         name=doc.get('name', doc['_id']), owner=doc.get('owner'), generation=doc['generation'],
         acquired_at=doc.get('acquired_at'), renewed_at=doc.get('renewed_at'),
         expires_at=doc.get('expires_at'), released_by=doc.get('released_by'), now=now)
@@ -369,4 +369,4 @@ def _lock_record(doc, now):
 def _history_record(doc):
     fields = {key: doc[key] for key in _HISTORY_FIELDS if doc.get(key) is not None}
     fields['evolution_id'] = doc['_id']
-    return base.HistoryRecord(**fields)
+    return records.HistoryRecord(**fields)

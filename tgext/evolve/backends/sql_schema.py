@@ -8,7 +8,8 @@ import sqlalchemy as sa
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.functions import FunctionElement
 
-from .base import HISTORY_TABLE, LEGACY_TABLE, LOCK_TABLE, MAX_ID_LENGTH, MAX_OWNER_LENGTH
+from ..records import MAX_ID_LENGTH, MAX_OWNER_LENGTH
+from .base import HISTORY_TABLE, LEGACY_TABLE, LOCK_TABLE
 
 
 Time = sa.Float(precision=53)  # DOUBLE PRECISION on PostgreSQL, DOUBLE on MySQL, REAL on SQLite

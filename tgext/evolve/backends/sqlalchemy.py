@@ -20,8 +20,9 @@ from sqlalchemy.orm import scoped_session, sessionmaker
 
 from ..errors import LeaseLost
 from ..forking import log
-from .base import (APPLIED, DEFAULT_LOCK_NAME, DONE_STATES, FAILED, HISTORY_TABLE, LEGACY_TABLE,
-                   RUNNING, Backend, HistoryRecord, Lease, LegacyState, LockRecord)
+from ..records import (APPLIED, DEFAULT_LOCK_NAME, DONE_STATES, FAILED, RUNNING, HistoryRecord,
+                       Lease, LegacyState, LockRecord, require_done_state)
+from .base import HISTORY_TABLE, LEGACY_TABLE, Backend
 
 # read_history() is every process's first look at the database, on the path of its first
 # request: spelled out, it needs neither SQLAlchemy's compiler (~4 ms the first time in a
@@ -408,8 +409,7 @@ class SQLAlchemyBackend(Backend):
 
     def record_states(self, lease, evolution_ids, state):
         from .sql_schema import db_now, history_table
-        if state not in DONE_STATES:
-            raise ValueError(f'record_states() records done states only, not {state!r}')
+        require_done_state(state)
         ids = list(dict.fromkeys(evolution_ids))
         with self.engine.begin() as conn:
             self._fence(conn, lease)

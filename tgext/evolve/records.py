@@ -1,0 +1,100 @@
+"""What storage holds, as the rest of tgext.evolve sees it: the records and the history states.
+
+Planning, the runner, the CLI and every backend share these; the storage contract that reads
+and writes them is :mod:`.backends.base`.  Nothing here knows about a database.
+"""
+from typing import NamedTuple, Optional
+
+#: The lock every process of an application competes for.
+DEFAULT_LOCK_NAME = 'tgext.evolve'
+
+#: History states.  ``running`` is written before ``evolve()`` starts so a crash is visible.
+RUNNING = 'running'
+APPLIED = 'applied'
+FAILED = 'failed'
+ADOPTED = 'adopted'  # applied by tgext.evolve 0.0.5, taken over from its ``tgext_evolve`` store
+MARKED = 'marked'  # recorded as applied by an operator without running it
+#: States that mean "this evolution's work is in the database".
+DONE_STATES = frozenset((APPLIED, ADOPTED, MARKED))
+
+#: Longest evolution id (and fingerprint, and lock name): the width of their columns.
+MAX_ID_LENGTH = 128
+#: Longest owner string (``host:pid:token``).
+MAX_OWNER_LENGTH = 255
+
+# The records are NamedTuples rather than frozen dataclasses: defining a dataclass generates
+# and compiles its methods, ~1.5 ms each at every process's start-up.
+
+
+class Lease(NamedTuple):
+    """Proof of holding the lock: what every fenced write checks."""
+    name: str
+    owner: str
+    generation: int
+    expires_at: float
+    lease_seconds: float
+
+
+class LockRecord(NamedTuple):
+    """The lock record as read, with the database clock at the time of reading."""
+    name: str
+    owner: Optional[str]  # None once released
+    generation: int
+    acquired_at: Optional[float]
+    renewed_at: Optional[float]
+    expires_at: Optional[float]
+    released_by: Optional[str]
+    now: float  # the clock that decides expiry, read in the same query
+
+    @property
+    def held(self) -> bool:
+        """True while an owner holds an unexpired lease."""
+        return self.owner is not None and self.expires_at is not None and self.expires_at > self.now
+
+    @property
+    def expires_in(self) -> Optional[float]:
+        if self.owner is None or self.expires_at is None:
+            return None
+        return self.expires_at - self.now
+
+
+class HistoryRecord(NamedTuple):
+    """One evolution's history.
+
+    Every field is a column (a document field) that storage version 1 already had: the
+    history is what every process reads before it serves, also while a process of an older
+    release holds the lock, so a field that a later storage version adds must be read apart,
+    by code that has upgraded the storage first (see ``backends.base.UPGRADES``).
+    """
+    evolution_id: str
+    state: str
+    attempts: int = 0
+    started_at: Optional[float] = None
+    finished_at: Optional[float] = None
+    duration_ms: Optional[float] = None
+    owner: Optional[str] = None
+    generation: Optional[int] = None
+    error: Optional[str] = None
+    progress_done: Optional[int] = None
+    progress_total: Optional[int] = None
+    fingerprint: Optional[str] = None
+
+    @property
+    def done(self) -> bool:
+        return self.state in DONE_STATES
+
+
+class LegacyState(NamedTuple):
+    """What tgext.evolve 0.0.5 left in its ``tgext_evolve`` table or collection."""
+    version: Optional[str]  # the last evolution id it applied
+    lock_holder: Optional[str]  # the pid in a leftover 0.0.5 lock, ignored but reported
+
+
+def require_done_state(state: str) -> None:
+    """``record_states()`` records evolutions as done without running them: only a done state
+    makes sense there.  A ValueError, not an :class:`~.errors.EvolveError`: no user input
+    reaches it (the runner passes ``adopted``, the CLI ``marked``), so it is a programming
+    error in the caller."""
+    if state not in DONE_STATES:
+        raise ValueError(f'record_states() records done states only '
+                         f'({", ".join(sorted(DONE_STATES))}), not {state!r}')
