@@ -178,7 +178,7 @@ def make_app(configurator):
     service = None
     if 'tgext.evolve' in sys.modules:
         import tg
-        from tgext.evolve.plugin import service_for_config
+        from tgext.evolve.service import service_for_config
         service = service_for_config(tg.config)
     return app, service
 

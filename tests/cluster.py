@@ -37,7 +37,7 @@ CLUSTER_POLL = 0.1
 
 #: What no healthy process ever logs: errors, and tgext.evolve's warnings (an outage, a lost
 #: lock, a failed renewal).
-TROUBLE = re.compile(r'Traceback|\b(ERROR|CRITICAL) |WARNING tgext\.evolve:')
+TROUBLE = re.compile(r'Traceback|\b(ERROR|CRITICAL) |WARNING tgext\.evolve(\.\w+)*:')
 
 
 def free_port():

@@ -622,7 +622,7 @@ def _forked_workers(url, workdir, start_server, workers, title, restarts):
         log = server.log()
         served = server.served()
         restarted = {int(pid) for pid in re.findall(
-            rf'(\d+) \S+ INFO tgext\.evolve: process forked from {server.popen.pid}: '
+            rf'(\d+) \S+ INFO tgext\.evolve\.service: process forked from {server.popen.pid}: '
             rf'restarting', log)}
         failures = [f'worker {pid} served {served.get(pid)}' for pid in pids
                     if served.get(pid) != [503, 200]]

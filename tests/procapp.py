@@ -59,7 +59,7 @@ from tg import FullStackApplicationConfigurator, TGController, config as tg_conf
 from tg.configuration import milestones
 
 import tgext.evolve
-from tgext.evolve.plugin import service_for_config
+from tgext.evolve.service import service_for_config
 from tgext.evolve.state import UNREACHABLE, GateState
 
 #: Loaded by a process's first lock or history write: one that starts on an evolved database

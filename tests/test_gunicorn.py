@@ -20,7 +20,7 @@ import pytest
 import conftest
 import fault_scenarios
 import polling
-from tgext.evolve import forking
+from tgext.evolve import logs
 from tgext.evolve.forking import fork_gate
 
 WORKERS = 4
@@ -116,7 +116,7 @@ def test_a_fork_waits_for_a_log_line_being_written():
     logger.addHandler(handler)
     previous_level = logger.level
     logger.setLevel(logging.INFO)
-    writer = threading.Thread(target=forking.log.info, args=('evolving %r', 'e1'))
+    writer = threading.Thread(target=logs.runner.info, args=('evolving %r', 'e1'))
     try:
         writer.start()
         assert handler.writing.wait(30)
@@ -141,7 +141,7 @@ def test_a_thread_inside_a_call_can_log_while_a_fork_waits_for_it(caplog):
         with fork_gate.call():
             in_call.set()
             may_log.wait(30)
-            forking.log.debug('a backend line')
+            logs.backend.debug('a backend line')
             logged.set()
 
     caplog.set_level(logging.DEBUG, logger='tgext.evolve')  # the line is written, not dropped

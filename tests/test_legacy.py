@@ -84,7 +84,7 @@ def states(app):
 
 def evolve_log(caplog, level=logging.INFO):
     return [r.getMessage() for r in caplog.records
-            if r.name == 'tgext.evolve' and r.levelno >= level]
+            if r.name.startswith('tgext.evolve') and r.levelno >= level]
 
 
 def test_evolutions_up_to_the_recorded_version_are_adopted_later_ones_run(

@@ -41,7 +41,7 @@ from tgext.pluggable import plug
 import conftest
 import tgext.evolve
 from tgext.evolve import Evolution
-from tgext.evolve.plugin import service_for_config
+from tgext.evolve.service import service_for_config
 from polling import DEADLINE, wait_until
 
 #: The ways an application plugs tgext.evolve: (configurator, plug style).  tgext.pluggable 0.9

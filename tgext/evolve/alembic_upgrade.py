@@ -8,11 +8,12 @@ optional dependency (``tgext.evolve[alembic]``).
 import hashlib
 import os
 
+from . import logs
 from .errors import ConfigurationError
 from .evolution import Evolution
-from .forking import log
 from .records import MAX_ID_LENGTH
 
+log = logs.alembic
 
 
 class AlembicUpgrade(Evolution):

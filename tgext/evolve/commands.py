@@ -7,18 +7,17 @@ to stderr.
 import argparse
 import datetime
 import json
-import logging
 import sys
 import time
 
 from gearbox.command import Command
 
-from . import operations
+from . import logs, operations
 from .errors import ConfigurationError, LockWaitTimeout, OperationRefused
 from .records import FAILED
 from .runner import RunListener
 
-log = logging.getLogger('tgext.evolve')
+log = logs.cli
 
 EXIT_OK = 0
 EXIT_NOT_SETTLED = 1  # status: something pending or failed; run: an evolution failed

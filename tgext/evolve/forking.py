@@ -1,29 +1,35 @@
-"""Forks happen between tgext.evolve's database calls, never in the middle of one.
+"""Everything tgext.evolve does about ``fork()``, in one place.
 
 gunicorn ``--preload`` and uWSGI build the application, which starts the evolution thread, and
-then fork their workers.  ``fork()`` copies only the forking thread: a lock that the evolution
-thread (or its heartbeat) held at that instant stays locked in the child forever.  Database
-drivers hold such locks while they connect and query (OpenSSL while pymysql builds its TLS
-context, SQLite's own mutexes, an import lock while a dialect loads lazily): measured with a
-real ``gunicorn --preload -w 4`` on MariaDB and SQLite, a worker forked at the wrong moment had
-its restarted evolution thread hang on its first connection, and answered 503 for good.
+then fork their workers.  ``fork()`` copies only the forking thread, so two things go wrong in
+a child, and this module handles both:
 
-So every backend call of the runner and its heartbeat passes through one :class:`ForkGate`,
-and ``os.register_at_fork(before=...)`` waits until no call is in flight (and holds new ones
-back) before the fork proceeds.  The evolution's own ``evolve()`` is not held: it may run for
-hours, and the workers must start and answer 503 meanwhile.
+* A lock that another thread held at that instant stays locked in the child forever.
+  Database drivers hold such locks while they connect and query (OpenSSL while pymysql builds
+  its TLS context, SQLite's own mutexes, an import lock while a dialect loads lazily): measured
+  with a real ``gunicorn --preload -w 4`` on MariaDB and SQLite, a worker forked at the wrong
+  moment had its restarted evolution thread hang on its first connection, and answered 503 for
+  good.  So every backend call of the runner and its heartbeat, and every log line
+  (:mod:`.logs`), passes through one :class:`ForkGate`, and ``os.register_at_fork(before=...)``
+  waits until no call is in flight (and holds new ones back) before the fork proceeds.  The
+  evolution's own ``evolve()`` is not held: it may run for hours, and the workers must start
+  and answer 503 meanwhile.
+* State copied from the parent is void in the child: locks and events its threads held, the
+  connections in a pool.  Whatever holds such state registers a reset with
+  :func:`after_fork_in_child` (the service, the gate state, the backends), and
+  :func:`reset_after_fork` runs them all once in each forked process.
 
-Log lines pass through the gate too (:data:`log`): a thread writing to a buffered
-``sys.stderr`` holds the buffer's lock, and a child forked at that instant blocks for good on
-its first log line (measured: one uWSGI worker in about twenty, whose master was logging
-"evolving ..." as it forked).
+The evolution thread itself is restarted lazily, by the service, on the child's first request.
 """
 import contextlib
 import logging
 import os
 import threading
+import weakref
 
-_logger = logging.getLogger('tgext.evolve')
+# Not a gated logger (:mod:`.logs`): its one line is written by the thread about to fork, while
+# the gate is closed.
+_logger = logging.getLogger('tgext.evolve.fork')
 
 #: The longest a fork waits for a database call in flight (a connection attempt to a database
 #: that does not answer can take this long); after it the fork goes ahead regardless.
@@ -121,39 +127,52 @@ class ForkGatedBackend:
             return self._backend.apply(lease, evolution_id, ungated_work, fingerprint)
 
 
-class GatedLogger:
-    """The ``tgext.evolve`` logger, writing each line through :data:`fork_gate`."""
+# --- resets in a forked child --------------------------------------------------------------
 
-    def __init__(self, logger, gate):
-        self._logger = logger
-        self._gate = gate
-
-    def log(self, level, message, *args, **kwargs):
-        if self._logger.isEnabledFor(level):
-            with self._gate.call():
-                self._logger.log(level, message, *args, **kwargs)
-
-    def debug(self, message, *args, **kwargs):
-        self.log(logging.DEBUG, message, *args, **kwargs)
-
-    def info(self, message, *args, **kwargs):
-        self.log(logging.INFO, message, *args, **kwargs)
-
-    def warning(self, message, *args, **kwargs):
-        self.log(logging.WARNING, message, *args, **kwargs)
-
-    def error(self, message, *args, **kwargs):
-        self.log(logging.ERROR, message, *args, **kwargs)
-
-    def isEnabledFor(self, level):  # noqa: N802 - logging's spelling
-        return self._logger.isEnabledFor(level)
+_resets = []  # callables, or weak references to bound methods
+_resets_guard = threading.Lock()
+_reset_in_pid = os.getpid()
 
 
-#: What the runner, its heartbeat, the plugin and the backends log through.
-log = GatedLogger(_logger, fork_gate)
+def after_fork_in_child(reset):
+    """Have ``reset()`` called in every process forked from this one, before tgext.evolve does
+    anything there.  A bound method is held weakly: registering an object does not keep it
+    alive (tests create thousands of backends)."""
+    ref = weakref.WeakMethod(reset) if hasattr(reset, '__self__') else (lambda: reset)
+    with _resets_guard:
+        _resets[:] = [r for r in _resets if r() is not None] + [ref]
+    return reset
+
+
+def reset_after_fork():
+    """Run every registered reset, once per forked process.
+
+    CPython's ``after_in_child`` hook calls it at the fork; a server that forks without
+    running CPython's hooks (uWSGI without ``--py-call-uwsgi-fork-hooks``) gets it from the
+    first request that finds the evolution thread missing (``EvolveService.ensure_running``).
+    """
+    global _reset_in_pid
+    if _reset_in_pid == os.getpid():
+        return
+    with _resets_guard:
+        if _reset_in_pid == os.getpid():
+            return
+        fork_gate.reset()
+        for ref in list(_resets):
+            reset = ref()
+            if reset is not None:
+                reset()
+        _reset_in_pid = os.getpid()
+
+
+def _at_fork_in_child():
+    global _resets_guard
+    # The only thread here: a guard some thread of the parent held is void.
+    _resets_guard = threading.Lock()
+    reset_after_fork()
 
 
 if hasattr(os, 'register_at_fork'):
     os.register_at_fork(before=fork_gate.before_fork,
                         after_in_parent=fork_gate.after_fork_in_parent,
-                        after_in_child=fork_gate.reset)
+                        after_in_child=_at_fork_in_child)

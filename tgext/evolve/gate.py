@@ -18,6 +18,7 @@ from webob.exc import HTTPServiceUnavailable
 
 from tg.appwrappers.base import ApplicationWrapper
 
+from .service import service_for_config
 from .state import STARTING
 
 SAFE_METHODS = frozenset(('GET', 'HEAD', 'OPTIONS'))
@@ -112,7 +113,6 @@ class MaintenanceApplicationWrapper(ApplicationWrapper):
 
     def __init__(self, handler, config):
         super().__init__(handler, config)
-        from .plugin import service_for_config  # plugin imports this module
         self.service = service_for_config(config)
         self._injected = self.service is not None and self.service.renders_error_page
         if self._injected:

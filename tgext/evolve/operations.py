@@ -1,7 +1,7 @@
 """What ``gearbox evolve`` does: one plain function per verb, after Alembic's ``command.py``.
 
 :func:`load_service` configures an application from its .ini without building it (so no
-evolution thread starts); every other function takes the :class:`~.plugin.EvolveService` it
+evolution thread starts); every other function takes the :class:`~.service.EvolveService` it
 returns, works through the same backend and protocol as the thread, and returns data.  The
 gearbox command (``commands.py``) parses arguments and prints; a deploy script may call these
 functions directly.
@@ -13,20 +13,20 @@ import contextlib
 import dataclasses
 import getpass
 import importlib
-import logging
 import os
 import sys
 import time
 from typing import Optional
 
+from . import logs
 from .errors import ConfigurationError, LockWaitTimeout, OperationRefused
-from .plugin import SERVICE_KEY, service_for_config
 from .planning import fingerprints, plan as plan_steps, run_order
 from .records import FAILED, MARKED, RUNNING, HistoryRecord, LockRecord
 from .runner import AGAIN, DONE, Runner, legacy_adoptions, make_owner
+from .service import SERVICE_KEY, service_for_config
 from .state import BLOCKED, MISCONFIGURED, READY, WAITING
 
-log = logging.getLogger('tgext.evolve')
+log = logs.cli
 
 #: The state ``status`` shows for an evolution that ``run`` would run.
 PENDING = 'pending'
@@ -36,7 +36,7 @@ PENDING = 'pending'
 
 def load_service(config_file, app_name='main', relative_to=None):
     """Configure the application of ``config_file`` (section ``[app:<app_name>]``) and return
-    its :class:`~.plugin.EvolveService`.
+    its :class:`~.service.EvolveService`.
 
     Runs the application configurator's ``configure`` and ``setup`` like ``gearbox setup-app``
     (engine, model, tgext.evolve's settings and backend) but builds no WSGI application, so no

@@ -1,28 +1,20 @@
-"""Wiring into TurboGears: ``plugme``, the hooks, the background thread and fork handling."""
-import os
-import threading
+"""Wiring into TurboGears: ``plugme`` and the hooks it registers.
+
+What runs in each process once the hooks fire (the runner thread, the gate state, fork
+handling) is the service's (:mod:`.service`); this module only connects it to TurboGears.
+"""
 import weakref
 
 from tg import hooks
-from tg.support.converters import asbool, aslist
 
-from .backends import backend_for_config
+from .errors import ConfigurationError
 from .evolution import collect_evolutions
 from .gate import MaintenanceApplicationWrapper, MaintenanceMiddleware
-from .errors import ConfigurationError
-from .forking import ForkGatedBackend, log
-from .options import check_plug_options, parse_settings
+from .options import check_plug_options
 from .planning import run_order
-from .runner import Runner
-from .state import STARTING, GateState
-
-
-#: Where the per-application service lives in the app's config (outside the ``tgext.evolve.``
-#: namespace, which holds settings only).
-SERVICE_KEY = 'tgext_evolve.service'
+from .service import SERVICE_KEY, install_service
 
 _registrations = weakref.WeakKeyDictionary()  # configurator -> _Registration
-_services = weakref.WeakSet()  # for the at-fork reset
 
 
 def plugme(configurator, options=None):
@@ -65,11 +57,6 @@ def plugme(configurator, options=None):
                 plug_helpers=False, plug_bootstrap=False, plug_statics=False)
 
 
-def service_for_config(config):
-    """The :class:`EvolveService` of an application, or None when disabled or not plugged."""
-    return config.get(SERVICE_KEY)
-
-
 class _Registration:
     """Everything ``plugme`` calls registered on one configurator."""
 
@@ -99,15 +86,8 @@ class _Registration:
         return configurator is self.configurator
 
     def on_config_setup(self, configurator, conf):
-        if not self._mine(configurator):
-            return
-        settings = parse_settings(self.plug_settings, conf)
-        if not settings.enabled:
-            conf[SERVICE_KEY] = None
-            log.info('tgext.evolve is disabled (tgext.evolve.enabled = false)')
-            return
-        conf[SERVICE_KEY] = EvolveService(conf, settings, self.evolutions,
-                                          backend_for_config(conf))
+        if self._mine(configurator):
+            install_service(conf, self.plug_settings, self.evolutions)
 
     def on_new_app(self, app):
         conf = app.config
@@ -124,73 +104,3 @@ class _Registration:
         if service is None or service.renders_error_page:
             return app
         return MaintenanceMiddleware(app, service)
-
-
-def _renders_error_page(conf):
-    if not asbool(conf.get('errorpage.enabled', False)):
-        return False
-    try:
-        # aslist: from the .ini the codes are one string ("403 404 503"), as ErrorPage reads them.
-        return 503 in {int(code) for code in aslist(conf.get('errorpage.status_codes'))}
-    except (TypeError, ValueError):
-        return False
-
-
-class EvolveService:
-    """One application's evolutions in this process: the runner thread and the gate state."""
-
-    def __init__(self, config, settings, evolutions, backend):
-        self.config = config
-        self.settings = settings
-        self.evolutions = evolutions
-        self.backend = backend
-        self.state = GateState()
-        self.renders_error_page = _renders_error_page(config)
-        self.runner = None
-        self._pid = None
-        self._guard = threading.Lock()
-        _services.add(self)
-
-    def start(self):
-        with self._guard:
-            self._start()
-
-    def _start(self):
-        self._pid = os.getpid()
-        # Gated: a forking server (gunicorn --preload) forks between our database calls only.
-        self.runner = Runner(ForkGatedBackend(self.backend), self.evolutions, self.settings,
-                             config=self.config, state=self.state)
-        self.runner.start()
-
-    def ensure_running(self):
-        """Restart the runner in a process forked after the application was built.
-
-        gunicorn ``--preload`` and uWSGI fork after the app exists; a thread does not survive
-        a fork, so without this the child would answer 503 forever.
-        """
-        if self._pid is None or self._pid == os.getpid():
-            return
-        with self._guard:
-            if self._pid == os.getpid():
-                return
-            log.info('process forked from %s: restarting the evolution thread', self._pid)
-            self.backend.dispose_after_fork()
-            self._start()
-
-    def _after_fork(self):
-        # Locks and events copied from the parent may be held by threads that do not exist
-        # here any more.
-        self._guard = threading.Lock()
-        first_look = threading.Event()
-        if self.state.phase != STARTING:
-            first_look.set()
-        self.state._first_look = first_look
-
-
-def _reset_after_fork():
-    for service in list(_services):
-        service._after_fork()
-
-
-if hasattr(os, 'register_at_fork'):
-    os.register_at_fork(after_in_child=_reset_after_fork)

@@ -1,9 +1,10 @@
-"""The protocol: plan, lock, re-plan, run, heartbeat, poll.
+"""The protocol: plan, lock, re-plan, run, poll.
 
 Backend-agnostic: it talks to storage only through :class:`~.backends.base.Backend` and to
 the gate only through :class:`~.state.GateState`.  One :class:`Runner` per process and
 application, driven either by its own daemon thread (the web application) or in the foreground
-(``gearbox evolve run``).
+(``gearbox evolve run``).  While it holds the lock, a :class:`~.heartbeat.Heartbeat` renews the
+lease.
 """
 import logging
 import os
@@ -14,20 +15,19 @@ import threading
 import time
 import traceback
 
+from . import logs
 from .errors import ConfigurationError, LeaseLost
-from .forking import log
+from .heartbeat import Heartbeat, ProgressSink
 from .planning import fingerprints, plan
 from .records import ADOPTED, DEFAULT_LOCK_NAME, FAILED
 from .state import (BLOCKED, EVOLVING, MISCONFIGURED, READY, SERVING_AFTER_FAILURE, UNREACHABLE,
                     WAITING, GateState)
 
 
+log = logs.runner
+
 #: Ceiling of the retry delay while the database cannot be reached.
 MAX_BACKOFF = 30.0
-#: Progress is written to storage at most this often (it doubles as a lease renewal).
-PROGRESS_WRITE_INTERVAL = 1.0
-#: Progress is logged at most this often.
-PROGRESS_LOG_INTERVAL = 5.0
 
 # What Runner.step() asks its driver to do next.
 DONE = 'done'  # the gate is open for good: stop
@@ -57,67 +57,6 @@ class RunListener:
 
     def finished(self, evolution_id):
         """``evolve()`` returned or raised; the log says which."""
-
-
-class Heartbeat:
-    """Renews the lease every lease/3 and writes throttled progress, in its own thread."""
-
-    def __init__(self, runner, lease):
-        self._runner = runner
-        self.lease = lease
-        self.lost = threading.Event()
-        self._stop = threading.Event()
-        self._progress = None
-        self._guard = threading.Lock()
-        self._thread = threading.Thread(target=self._run, name='tgext.evolve-heartbeat',
-                                        daemon=True)
-
-    def start(self):
-        self._thread.start()
-
-    def stop(self):
-        self._stop.set()
-        self._thread.join()
-
-    def set_progress(self, evolution_id, done, total):
-        with self._guard:
-            self._progress = (evolution_id, done, total)
-
-    def _take_progress(self):
-        with self._guard:
-            progress, self._progress = self._progress, None
-            return progress
-
-    def _run(self):
-        backend = self._runner.backend
-        interval = self._runner.settings.heartbeat_interval
-        tick = min(interval, PROGRESS_WRITE_INTERVAL)
-        next_renewal = time.monotonic() + interval
-        failing = False
-        while not self._stop.wait(tick):
-            progress = self._take_progress()
-            if progress is None and time.monotonic() < next_renewal:
-                continue
-            try:
-                if progress is not None:
-                    backend.record_progress(self.lease, *progress)  # fenced: renews too
-                else:
-                    self.lease = backend.renew(self.lease)
-            except LeaseLost:
-                log.warning('lock lost: another process took over (lease of %s s expired); '
-                            'stopping before the next evolution', self.lease.lease_seconds)
-                self.lost.set()
-                return
-            except Exception as e:
-                # The lease may expire while the database is away; fencing keeps that safe.
-                if not failing:
-                    log.warning('cannot renew the lease: %s: %s', type(e).__name__, e)
-                failing = True
-                continue
-            if failing:
-                log.info('lease renewed again')
-                failing = False
-            next_renewal = time.monotonic() + interval
 
 
 class Runner:
@@ -344,7 +283,7 @@ class Runner:
     # --- holding the lock ----------------------------------------------------------------------
 
     def _run_locked(self, lease):
-        heartbeat = Heartbeat(self, lease)
+        heartbeat = Heartbeat(self.backend, lease, self.settings.heartbeat_interval)
         heartbeat.start()
         try:
             self._adopt_legacy(heartbeat)
@@ -397,7 +336,8 @@ class Runner:
         running = self.backend.record_running(heartbeat.lease, evolution_id, fingerprint)
         log.info('evolving %r (%s, attempt %d)', evolution_id, step.reason, running.attempts)
         evolution.config = self.config
-        evolution._progress_sink = _ProgressSink(self, evolution_id, heartbeat)
+        evolution._progress_sink = ProgressSink(evolution_id, heartbeat, self.state,
+                                                self.listener)
         try:
             record = self.backend.apply(heartbeat.lease, evolution_id, evolution.evolve,
                                         fingerprint)
@@ -422,28 +362,3 @@ class Runner:
         self.applied.append(evolution_id)
         log.info('applied %r in %.0f ms', evolution_id, record.duration_ms or 0)
         return True
-
-
-class _ProgressSink:
-    """What ``Evolution.progress()`` calls: memory at once, storage and log throttled."""
-
-    def __init__(self, runner, evolution_id, heartbeat):
-        self._runner = runner
-        self._evolution_id = evolution_id
-        self._heartbeat = heartbeat
-        self._logged_at = 0.0
-
-    def __call__(self, done, total):
-        if self._heartbeat.lost.is_set():
-            raise LeaseLost(f'lock lost while {self._evolution_id!r} ran')
-        done = int(done)
-        total = None if total is None else int(total)
-        percent = min(100.0, 100.0 * done / total) if total else None
-        self._runner.state.progress = percent
-        self._heartbeat.set_progress(self._evolution_id, done, total)
-        self._runner.listener.progress(self._evolution_id, done, total)
-        now = time.monotonic()
-        if now - self._logged_at >= PROGRESS_LOG_INTERVAL:
-            self._logged_at = now
-            log.info('evolving %r: %d%s', self._evolution_id, done,
-                     f'/{total} ({percent:.0f}%)' if total else '')

@@ -1,6 +1,8 @@
 """What the gate knows: whether this process may serve, kept current by the runner."""
 import threading
 
+from .forking import after_fork_in_child
+
 STARTING = 'starting'  # nothing read from the database yet
 UNREACHABLE = 'unreachable'  # the database cannot be reached; retrying with backoff
 WAITING = 'waiting'  # evolutions pending, another process holds the lock
@@ -26,6 +28,7 @@ class GateState:
         self.phase = STARTING
         self.progress = None  # percentage of the running evolution, when it reports one
         self._first_look = threading.Event()
+        after_fork_in_child(self._after_fork)
 
     def set_phase(self, phase):
         if self.open:
@@ -41,3 +44,11 @@ class GateState:
     def wait_first_look(self, timeout):
         """Block until the runner has read the database once (or ``timeout`` passes)."""
         return self._first_look.wait(timeout)
+
+    def _after_fork(self):
+        # An event copied from the parent may be mid-update by a thread that does not exist
+        # here any more; what it said (has the first look happened?) is kept.
+        first_look = threading.Event()
+        if self.phase != STARTING:
+            first_look.set()
+        self._first_look = first_look

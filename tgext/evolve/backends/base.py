@@ -62,7 +62,11 @@ class Backend(abc.ABC):
         """The clock that decides lease expiry (the database's where it has one)."""
 
     def dispose_after_fork(self) -> None:
-        """Forget connections inherited from a parent process without closing them."""
+        """Forget connections inherited from a parent process without closing them.
+
+        A backend that holds connections registers this with
+        ``forking.after_fork_in_child``, which calls it once in every forked child.
+        """
 
     def close(self) -> None:
         """Release the backend's own connections (not the application's)."""

@@ -44,10 +44,12 @@ from pymongo import ASCENDING, ReadPreference, ReturnDocument
 from pymongo.errors import ConnectionFailure, DuplicateKeyError, OperationFailure, PyMongoError
 from pymongo.write_concern import WriteConcern
 
-from .. import records
+from .. import logs, records
 from ..errors import LeaseLost
-from ..forking import log
+from ..forking import after_fork_in_child
 from . import base
+
+log = logs.backend
 
 
 # MIM takes no lock anywhere: two threads of one process (the runner and its heartbeat, or two
@@ -55,6 +57,14 @@ from . import base
 # atomicity of find_one_and_update and of unique inserts, or crash it.  Every MIM call of this
 # module therefore runs under this lock; pymongo is thread-safe and never takes it.
 _mim_lock = threading.RLock()
+
+
+@after_fork_in_child
+def _new_mim_lock():
+    # A MIM lock that another thread of the parent held at the moment of the fork would never
+    # be released: that thread does not exist in the child.
+    global _mim_lock
+    _mim_lock = threading.RLock()
 
 # createIndexes racing with itself on a collection that does not exist yet can fail, depending
 # on the server version, because the implicit collection creation or the index build of another
@@ -127,13 +137,9 @@ class MingBackend(base.Backend):
     def now(self) -> float:
         return time.time()
 
-    def dispose_after_fork(self) -> None:
-        # The pymongo client belongs to the application's Ming datastore, not to this backend,
-        # and pymongo >= 4.3 resets its own pools in a forked child.  What a child must not
-        # inherit is a MIM lock that another thread of the parent held at the moment of the fork:
-        # that thread does not exist in the child, so the lock would never be released.
-        global _mim_lock
-        _mim_lock = threading.RLock()
+    # dispose_after_fork(): nothing to do.  The pymongo client belongs to the application's Ming
+    # datastore, not to this backend, and pymongo >= 4.3 resets its own pools in a forked child;
+    # the MIM lock is reset by _new_mim_lock().
 
     # close(): nothing to do, the connections are the application's.
 

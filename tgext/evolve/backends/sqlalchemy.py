@@ -19,10 +19,12 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import scoped_session, sessionmaker
 
 from ..errors import LeaseLost
-from ..forking import log
+from .. import forking, logs
 from ..records import (APPLIED, DEFAULT_LOCK_NAME, DONE_STATES, FAILED, RUNNING, HistoryRecord,
                        Lease, LegacyState, LockRecord, require_done_state)
 from .base import HISTORY_TABLE, LEGACY_TABLE, Backend
+
+log = logs.backend
 
 # read_history() is every process's first look at the database, on the path of its first
 # request: spelled out, it needs neither SQLAlchemy's compiler (~4 ms the first time in a
@@ -112,6 +114,7 @@ class SQLAlchemyBackend(Backend):
             session = scoped_session(sessionmaker(bind=engine))
             zope.sqlalchemy.register(session)
         self.session = session
+        forking.after_fork_in_child(self.dispose_after_fork)
 
     # --- set-up --------------------------------------------------------------------------------
 
