@@ -98,10 +98,8 @@ def lease(backend):
 
 # --- identity -----------------------------------------------------------------------------------
 
-def test_backend_is_a_backend_with_dialect(db):
-    b = db.make_backend()
-    assert isinstance(b, Backend)
-    assert b.dialect == db.dialect
+def test_backend_is_a_backend(db):
+    assert isinstance(db.make_backend(), Backend)
 
 
 def test_atomic_apply_on_sql_only(db):
@@ -230,7 +228,6 @@ def test_acquire_writes_the_lock_record(db, backend):
     for t in (record.acquired_at, record.renewed_at, record.expires_at, record.now):
         assert isinstance(t, float)
     assert record.renewed_at == pytest.approx(record.acquired_at, abs=CLOCK_TOLERANCE)
-    assert record.expires_at == pytest.approx(lease.expires_at, abs=1e-3)
     assert record.expires_at - record.acquired_at == pytest.approx(LONG, abs=CLOCK_TOLERANCE)
 
 
@@ -262,6 +259,7 @@ def test_takeover_after_expiry_bumps_generation(db, backend):
     thief = db.make_backend(with_session=False)
     thief.read_lock()  # connected before the clock starts
     old = backend.acquire('owner-A', 1.5)
+    old_expiry = backend.read_lock().expires_at
     assert thief.acquire('owner-B', LONG) is None  # still held
     new = wait_until(lambda: thief.acquire('owner-B', LONG), what='takeover')
     assert new.generation == old.generation + 1 == 2
@@ -269,7 +267,7 @@ def test_takeover_after_expiry_bumps_generation(db, backend):
     record = backend.read_lock()
     assert (record.owner, record.generation) == ('owner-B', 2)
     # taken over only once the old lease had expired, by the same clock
-    assert record.acquired_at >= old.expires_at - CLOCK_TOLERANCE
+    assert record.acquired_at >= old_expiry - CLOCK_TOLERANCE
 
 
 def test_release_then_acquire_by_another_owner_bumps_generation(db, backend, lease):
@@ -294,16 +292,16 @@ def test_release_twice_returns_false(backend, lease):
 def test_renew_extends_expiry_and_keeps_generation(backend):
     started = time.monotonic()
     lease = backend.acquire('owner-A', 5.0)
+    acquired = backend.read_lock()
     time.sleep(0.1)
     renewed = backend.renew(lease)
     elapsed = time.monotonic() - started
     assert (renewed.name, renewed.owner, renewed.generation, renewed.lease_seconds) == (
         lease.name, lease.owner, lease.generation, lease.lease_seconds)
-    # pushed forward by the time that passed: sub-second precision, no rounding to seconds
-    assert 0.1 - 0.01 <= renewed.expires_at - lease.expires_at <= elapsed + 0.01
     record = backend.read_lock()
+    # pushed forward by the time that passed: sub-second precision, no rounding to seconds
+    assert 0.1 - 0.01 <= record.expires_at - acquired.expires_at <= elapsed + 0.01
     assert record.generation == 1
-    assert record.expires_at == pytest.approx(renewed.expires_at, abs=1e-3)
     assert record.renewed_at > record.acquired_at
 
 
@@ -332,28 +330,28 @@ def test_now_is_close_to_real_time_with_subsecond_precision(backend):
 
 def test_acquire_expiry_is_now_plus_lease(backend):
     before = backend.now()
-    lease = backend.acquire('owner-A', 7.5)
+    backend.acquire('owner-A', 7.5)
     after = backend.now()
-    assert before + 7.5 - CLOCK_TOLERANCE <= lease.expires_at <= after + 7.5 + CLOCK_TOLERANCE
     record = backend.read_lock()
+    assert before + 7.5 - CLOCK_TOLERANCE <= record.expires_at <= after + 7.5 + CLOCK_TOLERANCE
     assert before - CLOCK_TOLERANCE <= record.acquired_at <= after + CLOCK_TOLERANCE
 
 
 def test_read_lock_reports_now_held_and_expires_in(backend):
-    lease = backend.acquire('owner-A', 10.0)
+    backend.acquire('owner-A', 10.0)
     before = backend.now()
     record = backend.read_lock()
     after = backend.now()
     assert before - CLOCK_TOLERANCE <= record.now <= after + CLOCK_TOLERANCE
     assert record.held
-    assert record.expires_in == pytest.approx(lease.expires_at - record.now, abs=1e-3)
-    assert lease.expires_at - after - CLOCK_TOLERANCE <= record.expires_in <= 10.0 + 1e-3
+    assert record.expires_in == pytest.approx(record.expires_at - record.now, abs=1e-3)
+    assert record.expires_at - after - CLOCK_TOLERANCE <= record.expires_in <= 10.0 + 1e-3
 
 
 def test_read_lock_reports_expired_lease_as_not_held(backend):
     backend.acquire('owner-A', SHORT)
     record = wait_until(lambda: (lambda r: r if not r.held else None)(backend.read_lock()),
-                      what='expiry')
+                        what='expiry')
     assert record.owner == 'owner-A'
     assert record.expires_in <= 0
 
@@ -366,11 +364,12 @@ def test_lease_times_come_from_the_database_clock(db, backend, monkeypatch):
     monkeypatch.setattr(time, 'time', skewed)
     try:
         now = backend.now()
-        lease = backend.acquire('owner-A', 10.0)
+        backend.acquire('owner-A', 10.0)
+        record = backend.read_lock()
     finally:
         monkeypatch.undo()
     assert abs(now - real_time()) < 5
-    assert abs(lease.expires_at - (real_time() + 10.0)) < 5
+    assert abs(record.expires_at - (real_time() + 10.0)) < 5
 
 
 # --- fencing ------------------------------------------------------------------------------------

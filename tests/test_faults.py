@@ -204,7 +204,7 @@ def run_behind_a_locked_file(locked_sqlite, caplog, lease, until):
         runner.start()
         try:
             wait_until(lambda: until([r.getMessage() for r in caplog.records]),
-                     'the runner finding the database busy')
+                       'the runner finding the database busy')
             assert not runner.state.open
             writer.execute('COMMIT')
             wait_until(lambda: runner.state.open, 'the runner serving')

@@ -27,11 +27,14 @@ MAX_OWNER_LENGTH = 255
 
 
 class Lease(NamedTuple):
-    """Proof of holding the lock: what every fenced write checks."""
+    """Proof of holding the lock: what every fenced write checks.
+
+    Its expiry is not part of it: that lives in the lock record, where only the clock that
+    decides expiry (the database's) sets and reads it.
+    """
     name: str
     owner: str
     generation: int
-    expires_at: float
     lease_seconds: float
 
 

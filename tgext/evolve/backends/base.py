@@ -41,9 +41,6 @@ class Backend(abc.ABC):
     short transaction unless it says otherwise; none holds a database lock while it returns.
     """
 
-    #: ``'sqlite'``, ``'postgresql'``, ``'mysql'``, ``'mongodb'``: used in logs and docs.
-    dialect: str = ''
-
     #: Whether :meth:`apply` commits the evolution's work and its history row atomically.
     atomic_apply: bool = False
 
@@ -110,7 +107,8 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def renew(self, lease: Lease) -> Lease:
-        """Push ``expires_at`` to now + lease; raise LeaseLost if the lock changed hands.
+        """Push ``expires_at`` to now + lease and return the lease to use from now on (the same
+        one, for both backends); raise LeaseLost if the lock changed hands.
 
         One statement: it runs every lease/3 for as long as evolutions run.
         """

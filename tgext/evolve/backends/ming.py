@@ -92,7 +92,6 @@ class MingBackend(base.Backend):
     evolution's work and cleared afterwards, or None when evolutions write through pymongo.
     """
 
-    dialect = 'mongodb'
     atomic_apply = False
 
     def __init__(self, db, session=None):
@@ -182,12 +181,11 @@ class MingBackend(base.Backend):
                 name: str = records.DEFAULT_LOCK_NAME) -> Optional[records.Lease]:
         with self._guard():
             now = time.time()
-            expires_at = now + lease_seconds
             taken = {'owner': owner, 'acquired_at': now, 'renewed_at': now,
-                     'expires_at': expires_at, 'released_by': None}
+                     'expires_at': now + lease_seconds, 'released_by': None}
             try:
                 self._locks.insert_one({'_id': name, 'name': name, 'generation': 1, **taken})
-                return records.Lease(name, owner, 1, expires_at, lease_seconds)
+                return records.Lease(name, owner, 1, lease_seconds)
             except DuplicateKeyError:
                 pass
             current = self._locks.find_one({'_id': name})
@@ -206,13 +204,12 @@ class MingBackend(base.Backend):
         if current['owner'] is not None:
             log.warning('lock %r: the lease of %s expired %.1f s ago, taken over by %s',
                         name, current['owner'], now - current['expires_at'], owner)
-        return records.Lease(name, owner, generation, expires_at, lease_seconds)
+        return records.Lease(name, owner, generation, lease_seconds)
 
     def renew(self, lease: records.Lease) -> records.Lease:
         with self._guard():
-            now = time.time()
-            self._fence(lease, now)
-        return lease._replace(expires_at=now + lease.lease_seconds)
+            self._fence(lease, time.time())
+        return lease
 
     def release(self, lease: records.Lease) -> bool:
         with self._guard():

@@ -10,6 +10,7 @@ from sqlalchemy.sql.functions import FunctionElement
 
 from ..records import MAX_ID_LENGTH, MAX_OWNER_LENGTH
 from .base import HISTORY_TABLE, LEGACY_TABLE, LOCK_TABLE
+from .sql_dialects import impl_for
 
 
 Time = sa.Float(precision=53)  # DOUBLE PRECISION on PostgreSQL, DOUBLE on MySQL, REAL on SQLite
@@ -59,25 +60,5 @@ class db_now(FunctionElement):
 
 
 @compiles(db_now)
-def _db_now_default(element, compiler, **kw):
-    return 'CURRENT_TIMESTAMP'  # pragma: no cover - every supported dialect has its own below
-
-
-@compiles(db_now, 'postgresql')
-def _db_now_postgresql(element, compiler, **kw):
-    # clock_timestamp(), not now(): now() is frozen at the start of the transaction, and
-    # apply()'s transaction lasts as long as the evolution.
-    return 'CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION)'
-
-
-@compiles(db_now, 'mysql')
-@compiles(db_now, 'mariadb')
-def _db_now_mysql(element, compiler, **kw):
-    # Pure UTC arithmetic: UNIX_TIMESTAMP(NOW()) goes through the session time zone and is
-    # ambiguous for an hour every autumn.
-    return "(TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(6)) / 1000000.0)"
-
-
-@compiles(db_now, 'sqlite')
-def _db_now_sqlite(element, compiler, **kw):
-    return "((julianday('now') - 2440587.5) * 86400.0)"
+def _db_now(element, compiler, **kw):
+    return impl_for(compiler.dialect).now_sql

@@ -9,7 +9,6 @@ application's session joined, and issues the fencing check and the ``applied`` h
 that session's connection, so all three commit or roll back together.
 """
 import contextlib
-import sys
 import time
 
 import sqlalchemy as sa
@@ -23,6 +22,7 @@ from .. import forking, logs
 from ..records import (APPLIED, DEFAULT_LOCK_NAME, DONE_STATES, FAILED, RUNNING, HistoryRecord,
                        Lease, LegacyState, LockRecord, require_done_state)
 from .base import HISTORY_TABLE, LEGACY_TABLE, Backend
+from .sql_dialects import impl_for
 
 log = logs.backend
 
@@ -38,51 +38,12 @@ def _float(value):
     return None if value is None else float(value)
 
 
-@contextlib.contextmanager
-def _sqlite_transaction_from_first_statement(conn):
-    """On SQLite, open the transaction at the work's first statement on ``conn``.
-
-    Python's sqlite3 driver begins a transaction only before a data change, so an evolution
-    whose first statement is DDL (CREATE TABLE, ALTER TABLE) would have it committed at once
-    and kept after a failure.  SQLite's DDL is transactional: begun here, it rolls back with
-    the rest of the evolution, as on PostgreSQL.  IMMEDIATE takes the write lock at once: a
-    transaction that reads and then writes cannot upgrade its lock while another connection
-    writes (SQLite fails it at once with "database is locked", without waiting).  At the first
-    statement, not before: work that writes through a connection of its own (an Alembic
-    env.py that ignores the one it is given) must not find the database locked by this one.
-    """
-    if conn.dialect.name != 'sqlite':
-        yield
-        return
-
-    def begin(connection, *args):
-        driver = connection.connection.driver_connection
-        if not driver.in_transaction:
-            driver.execute('BEGIN IMMEDIATE')  # on the driver: we are inside SQLAlchemy's event
-
-    sa.event.listen(conn, 'before_cursor_execute', begin)
-    try:
-        yield
-    finally:
-        sa.event.remove(conn, 'before_cursor_execute', begin)
-
-
 def _reading_from_master(session):
     """While an evolution runs, a balancing session (TG's ``BalancedSession``, which reads from
     ``sqlalchemy.slaves.*``) reads from the master too: a lagging replica must not hand an
     evolution rows older than those it updates."""
     using_engine = getattr(session, 'using_engine', None)
     return using_engine('master') if using_engine is not None else contextlib.nullcontext()
-
-
-def _sqlite_busy(error):
-    """True for SQLite's "database is locked": another connection holds the write lock."""
-    # Not imported here: loading the sqlite3 driver costs a PostgreSQL/MySQL app ~2 ms of
-    # start-up, and its errors can only come from a process that has loaded it.
-    sqlite3 = sys.modules.get('sqlite3')
-    orig = getattr(error, 'orig', None)
-    return (sqlite3 is not None and isinstance(orig, sqlite3.OperationalError)
-            and str(orig) == 'database is locked')
 
 
 def _history_record(row):
@@ -108,7 +69,7 @@ class SQLAlchemyBackend(Backend):
 
     def __init__(self, engine, session=None):
         self.engine = engine
-        self.dialect = engine.dialect.name
+        self._impl = impl_for(engine.dialect)
         self._owns_session = session is None
         if session is None:
             session = scoped_session(sessionmaker(bind=engine))
@@ -131,7 +92,7 @@ class SQLAlchemyBackend(Backend):
                 return
             except (sa_exc.OperationalError, sa_exc.ProgrammingError,
                     sa_exc.IntegrityError) as e:
-                if _sqlite_busy(e):
+                if self._impl.is_busy(e):
                     raise  # another writer holds the file: the runner polls again
                 if self._storage_exists():
                     return
@@ -171,7 +132,7 @@ class SQLAlchemyBackend(Backend):
         return isinstance(error, sa_exc.DBAPIError) and bool(error.connection_invalidated)
 
     def is_busy(self, error):
-        return _sqlite_busy(error)
+        return self._impl.is_busy(error)
 
     # --- reading -------------------------------------------------------------------------------
 
@@ -235,7 +196,7 @@ class SQLAlchemyBackend(Backend):
                 exists = conn.execute(
                     sa.select(lock_table.c.name).where(lock_table.c.name == name)).first()
         except sa_exc.OperationalError as e:
-            if not _sqlite_busy(e):
+            if not self._impl.is_busy(e):
                 raise
             # SQLite has one writer: a long evolution's transaction keeps even its own
             # heartbeat from renewing, so the lease looks expired while the work goes on.
@@ -250,52 +211,38 @@ class SQLAlchemyBackend(Backend):
         except sa_exc.IntegrityError:
             return None  # another process inserted it first
         except sa_exc.OperationalError as e:
-            if not _sqlite_busy(e):
+            if not self._impl.is_busy(e):
                 raise
             return None  # the first process inserted it and is writing its evolution
 
     @staticmethod
     def _lease(conn, name, owner, lease_seconds):
         from .sql_schema import lock_table
-        row = conn.execute(
-            sa.select(lock_table.c.generation, lock_table.c.expires_at)
-            .where(lock_table.c.name == name, lock_table.c.owner == owner)).one()
-        return Lease(name=name, owner=owner, generation=row.generation,
-                     expires_at=_float(row.expires_at), lease_seconds=lease_seconds)
+        generation = conn.execute(
+            sa.select(lock_table.c.generation)
+            .where(lock_table.c.name == name, lock_table.c.owner == owner)).scalar_one()
+        return Lease(name=name, owner=owner, generation=generation, lease_seconds=lease_seconds)
 
     def _fence(self, conn, lease):
         """Extend the lease if it is still ours, in the caller's transaction; else LeaseLost.
 
-        One statement (it runs every lease/3), which also reports the new expiry: through
-        RETURNING where the dialect has it for UPDATE, else (MySQL/MariaDB) through the
-        documented ``LAST_INSERT_ID(expr)`` idiom, which hands the value back to the client
-        with the statement's result.
+        One statement: it runs every lease/3, and before every history write.
         """
         from .sql_schema import db_now, lock_table
         now = db_now()
-        expires_at = now + lease.lease_seconds
-        returning = conn.dialect.update_returning
-        if not returning:
-            expires_at = sa.func.last_insert_id(sa.func.round(expires_at * 1000000)) / 1000000.0
-        update = (lock_table.update()
-                  .where(lock_table.c.name == lease.name, lock_table.c.owner == lease.owner,
-                         lock_table.c.generation == lease.generation)
-                  .values(renewed_at=now, expires_at=expires_at))
-        if returning:
-            row = conn.execute(update.returning(lock_table.c.expires_at)).first()
-            matched = row is not None
-        else:
-            result = conn.execute(update)
-            matched = result.rowcount == 1
-        if not matched:
+        result = conn.execute(
+            lock_table.update()
+            .where(lock_table.c.name == lease.name, lock_table.c.owner == lease.owner,
+                   lock_table.c.generation == lease.generation)
+            .values(renewed_at=now, expires_at=now + lease.lease_seconds))
+        if result.rowcount != 1:
             raise LeaseLost(f'lock {lease.name!r} is no longer held by {lease.owner} '
                             f'(generation {lease.generation})')
-        return _float(row.expires_at) if returning else result.lastrowid / 1000000.0
 
     def renew(self, lease):
         with self.engine.begin() as conn:
-            expires_at = self._fence(conn, lease)
-        return lease._replace(expires_at=expires_at)
+            self._fence(conn, lease)
+        return lease
 
     def release(self, lease):
         from .sql_schema import db_now, lock_table
@@ -375,7 +322,7 @@ class SQLAlchemyBackend(Backend):
         try:
             session = self.session()
             conn = session.connection(bind_arguments={'bind': self.engine})
-            with _reading_from_master(session), _sqlite_transaction_from_first_statement(conn):
+            with _reading_from_master(session), self._impl.transaction_from_first_statement(conn):
                 work()
             session.flush()
             # On the session's own connection to our engine: the same database transaction

@@ -1,0 +1,86 @@
+"""What differs between the SQL databases tgext.evolve supports, one small object per dialect.
+
+After Alembic's ``DefaultImpl.get_by_dialect()``: :func:`impl_for` gives the backend the object
+for its engine's dialect, and the backend never tests ``dialect.name`` itself.  What is the same
+everywhere stays in :mod:`.sqlalchemy`.
+"""
+import contextlib
+
+import sqlalchemy as sa
+
+
+class DefaultImpl:
+    """A dialect that needs nothing special (and the behaviour the others start from)."""
+
+    #: The database clock as float epoch seconds with sub-second precision (``db_now()``).
+    now_sql = 'CURRENT_TIMESTAMP'
+
+    def transaction_from_first_statement(self, conn):
+        """Around an evolution's work on ``conn``: make its first statement open the
+        transaction, where the driver would leave DDL outside it."""
+        return contextlib.nullcontext()
+
+    def is_busy(self, error):
+        """True when ``error`` means another connection keeps the database's single write lock
+        (SQLite): contention to retry at the next poll, not an outage."""
+        return False
+
+
+class SQLiteImpl(DefaultImpl):
+    now_sql = "((julianday('now') - 2440587.5) * 86400.0)"
+
+    @contextlib.contextmanager
+    def transaction_from_first_statement(self, conn):
+        """Open the transaction at the work's first statement on ``conn``.
+
+        Python's sqlite3 driver begins a transaction only before a data change, so an evolution
+        whose first statement is DDL (CREATE TABLE, ALTER TABLE) would have it committed at once
+        and kept after a failure.  SQLite's DDL is transactional: begun here, it rolls back with
+        the rest of the evolution, as on PostgreSQL.  IMMEDIATE takes the write lock at once: a
+        transaction that reads and then writes cannot upgrade its lock while another connection
+        writes (SQLite fails it at once with "database is locked", without waiting).  At the
+        first statement, not before: work that writes through a connection of its own (an
+        Alembic env.py that ignores the one it is given) must not find the database locked by
+        this one.
+        """
+        def begin(connection, *args):
+            driver = connection.connection.driver_connection
+            if not driver.in_transaction:
+                driver.execute('BEGIN IMMEDIATE')  # on the driver: we are inside SQLAlchemy's event
+
+        sa.event.listen(conn, 'before_cursor_execute', begin)
+        try:
+            yield
+        finally:
+            sa.event.remove(conn, 'before_cursor_execute', begin)
+
+    def is_busy(self, error):
+        import sqlite3  # loaded already: only an engine on SQLite gets this object
+        orig = getattr(error, 'orig', None)
+        return isinstance(orig, sqlite3.OperationalError) and str(orig) == 'database is locked'
+
+
+class PostgreSQLImpl(DefaultImpl):
+    # clock_timestamp(), not now(): now() is frozen at the start of the transaction, and
+    # apply()'s transaction lasts as long as the evolution.
+    now_sql = 'CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION)'
+
+
+class MySQLImpl(DefaultImpl):
+    # Pure UTC arithmetic: UNIX_TIMESTAMP(NOW()) goes through the session time zone and is
+    # ambiguous for an hour every autumn.
+    now_sql = "(TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(6)) / 1000000.0)"
+
+
+_IMPLS = {
+    'sqlite': SQLiteImpl(),
+    'postgresql': PostgreSQLImpl(),
+    'mysql': MySQLImpl(),
+    'mariadb': MySQLImpl(),
+}
+_DEFAULT = DefaultImpl()
+
+
+def impl_for(dialect):
+    """The object for a SQLAlchemy ``dialect`` (an engine's, or a compiler's)."""
+    return _IMPLS.get(dialect.name, _DEFAULT)
