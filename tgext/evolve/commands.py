@@ -13,7 +13,8 @@ import time
 from gearbox.command import Command
 
 from . import logs, operations
-from .errors import ConfigurationError, LockWaitTimeout, OperationRefused
+from .errors import (ConfigurationError, EvolutionFailed, LockWaitTimeout, OperationRefused,
+                     exception_line)
 from .records import FAILED
 from .runner import RunListener
 
@@ -144,8 +145,7 @@ def _attempts(count):
 
 def _error_summary(error):
     """The exception line of a traceback: what status shows; history ID shows it all."""
-    lines = [line for line in (error or '').splitlines() if line.strip()]
-    return lines[-1].strip() if lines else None
+    return exception_line(error)
 
 
 def _progress(done, total):
@@ -270,14 +270,7 @@ def _history_detail(record, registered):
 
 
 def _history(service, opts):
-    rows = operations.history(service)
-    if opts.ids:
-        found = {record.evolution_id: (record, registered) for record, registered in rows}
-        missing = [i for i in opts.ids if i not in found]
-        if missing:
-            raise OperationRefused(
-                f'history: nothing recorded for {", ".join(map(repr, missing))}')
-        rows = [found[i] for i in dict.fromkeys(opts.ids)]
+    rows = operations.history(service, opts.ids)
     if opts.json:
         _print_json([dict({'id': r.evolution_id, 'registered': registered}, **_record_json(r),
                           traceback=r.error, fingerprint=r.fingerprint)
@@ -434,23 +427,27 @@ def _progress_display():
     return _PlainProgress()
 
 
+def _say_applied(applied):
+    if applied:
+        _say(f'applied {len(applied)} evolution(s): {", ".join(applied)}')
+
+
 def _run(service, opts):
-    with _progress_display() as display:
-        result = operations.run(service, listener=display, on_wait=_WaitReporter(),
-                                timeout=opts.timeout)
-    if result.applied:
-        _say(f'applied {len(result.applied)} evolution(s): {", ".join(result.applied)}')
+    try:
+        with _progress_display() as display:
+            result = operations.run(service, listener=display, on_wait=_WaitReporter(),
+                                    timeout=opts.timeout)
+    except EvolutionFailed as e:
+        _say_applied(e.applied)
+        _error(f'{e} (traceback: gearbox evolve history {e.evolution_id})')
+        return EXIT_NOT_SETTLED
+    _say_applied(result.applied)
     if result.ok:
         if not result.applied:
             _say(f'nothing to do: all {len(service.evolutions)} evolutions are applied')
         return EXIT_OK
-    if result.failed:
-        error = service.backend.read_history()[result.failed].error
-        _error(f'evolution {result.failed!r} failed: {_error_summary(error)} (traceback: '
-               f'gearbox evolve history {result.failed})')
-    else:
-        _error(f'stopped with evolutions still pending ({result.phase}): see the log above and '
-               f'gearbox evolve status')
+    _error(f'stopped with evolutions still pending ({result.phase}): see the log above and '
+           f'gearbox evolve status')
     return EXIT_NOT_SETTLED
 
 

@@ -3,6 +3,13 @@
 A caller's mistake that no user input can cause (a backend asked to record a state that is not
 a done state) stays a plain ``ValueError``.
 """
+from typing import Optional, Sequence
+
+
+def exception_line(traceback_text: Optional[str]) -> Optional[str]:
+    """The last line of a traceback, the exception itself: what a one-line report shows."""
+    lines = [line for line in (traceback_text or '').splitlines() if line.strip()]
+    return lines[-1].strip() if lines else None
 
 
 class EvolveError(Exception):
@@ -18,12 +25,18 @@ class LeaseLost(EvolveError):
 
 
 class EvolutionFailed(EvolveError):
-    """An evolution raised; its work was rolled back and it is recorded as failed."""
+    """An evolution raised; its work was rolled back and it is recorded as failed.
 
-    def __init__(self, evolution_id, error):
-        super().__init__(f'evolution {evolution_id!r} failed: {error}')
+    Raised by a run in the foreground (``gearbox evolve run``, ``operations.run``); the web
+    processes' thread follows ``on_failure`` instead.  ``error`` is the traceback as its history
+    records it; ``applied`` the ids the same run applied before it, in order.
+    """
+
+    def __init__(self, evolution_id: str, error: str, applied: Sequence[str] = ()):
+        super().__init__(f'evolution {evolution_id!r} failed: {exception_line(error)}')
         self.evolution_id = evolution_id
         self.error = error
+        self.applied = tuple(applied)
 
 
 class OperationRefused(EvolveError):

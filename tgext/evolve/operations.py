@@ -24,7 +24,7 @@ from .planning import fingerprints, plan as plan_steps, run_order
 from .records import FAILED, MARKED, RUNNING, HistoryRecord, LockRecord
 from .runner import AGAIN, DONE, Runner, legacy_adoptions, make_owner
 from .service import SERVICE_KEY, service_for_config
-from .state import BLOCKED, MISCONFIGURED, READY, WAITING
+from .state import BLOCKED, MISCONFIGURED, READY
 
 log = logs.cli
 
@@ -161,13 +161,25 @@ def status(service):
     return Status(tuple(evolutions), unregistered, lock)
 
 
-def history(service):
-    """Every history record, oldest first, with whether its id is still registered."""
+def history(service, ids=()):
+    """``(record, registered)`` for every history record, oldest first, ``registered`` saying
+    whether a registered evolution still has its id.
+
+    With ``ids``: the records of those ids, in that order; an id without a record is refused
+    (:class:`~.errors.OperationRefused` naming it).
+    """
     records, _ = _read(service)
     registered = {e.evolution_id for e in service.evolutions}
-    ordered = sorted(records.values(),
-                     key=lambda r: (r.started_at is None, r.started_at or 0, r.evolution_id))
-    return [(record, record.evolution_id in registered) for record in ordered]
+    if ids:
+        missing = [i for i in ids if i not in records]
+        if missing:
+            raise OperationRefused(
+                f'history: nothing recorded for {", ".join(map(repr, missing))}')
+        chosen = [records[i] for i in dict.fromkeys(ids)]
+    else:
+        chosen = sorted(records.values(),
+                        key=lambda r: (r.started_at is None, r.started_at or 0, r.evolution_id))
+    return [(record, record.evolution_id in registered) for record in chosen]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,21 +196,35 @@ def plan(service):
 
 # --- running -------------------------------------------------------------------------------------
 
+def _while_another_holds_the_lock(service, attempt, on_wait, timeout):
+    """Call ``attempt()`` until it returns something else than None (None: another process
+    holds the lock), and return that.
+
+    Between attempts: ``on_wait(lock)`` hears who holds it, :class:`LockWaitTimeout` ends the
+    wait after ``timeout`` seconds, and the next attempt comes after ``poll_interval``.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        result = attempt()
+        if result is not None:
+            return result
+        lock = service.backend.read_lock()
+        if on_wait is not None:
+            on_wait(lock)
+        if deadline is not None and time.monotonic() >= deadline:
+            holder = lock.owner if lock is not None else 'another process'
+            raise LockWaitTimeout(f'gave up waiting for the lock held by {holder}')
+        time.sleep(service.settings.poll_interval)
+
+
 @dataclasses.dataclass(frozen=True)
 class RunResult:
     applied: tuple  # ids applied by this run, in order
-    failed: Optional[str]  # id of the evolution that failed in this run
     phase: str  # the runner's final phase
 
     @property
     def ok(self):
         return self.phase == READY
-
-
-def _give_up(deadline, lock):
-    if deadline is not None and time.monotonic() >= deadline:
-        holder = lock.owner if lock is not None else 'another process'
-        raise LockWaitTimeout(f'gave up waiting for the lock held by {holder}')
 
 
 def run(service, *, listener=None, on_wait=None, timeout=None):
@@ -207,27 +233,26 @@ def run(service, *, listener=None, on_wait=None, timeout=None):
     ``listener`` (a :class:`~.runner.RunListener`) hears progress; ``on_wait(lock)`` is called
     on every poll while another process holds the lock; after ``timeout`` seconds of waiting
     :class:`LockWaitTimeout` is raised.  Unlike the thread, a database error is raised at once
-    and a failed evolution ends the run (with ``on_failure = block`` the thread would wait).
-    A ``depends_on`` naming an evolution neither registered nor done raises
-    :class:`~.errors.ConfigurationError` before anything runs.
+    and a failed evolution ends the run with :class:`~.errors.EvolutionFailed` (with
+    ``on_failure = block`` the thread would wait).  A ``depends_on`` naming an evolution neither
+    registered nor done raises :class:`~.errors.ConfigurationError` before anything runs.
     """
     plan(service)  # raises the ConfigurationError the runner would only log
     runner = Runner(service.backend, service.evolutions, service.settings,
                     config=service.config, state=service.state, listener=listener)
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while True:
+
+    def attempt():
         outcome = runner.step()
+        while outcome == AGAIN:  # the lock was just released: look again at once
+            outcome = runner.step()
         if outcome == DONE or runner.state.phase in (BLOCKED, MISCONFIGURED):
-            break
-        if outcome == AGAIN:
-            continue
-        if runner.state.phase == WAITING:
-            lock = service.backend.read_lock(runner.lock_name)
-            if on_wait is not None:
-                on_wait(lock)
-            _give_up(deadline, lock)
-        time.sleep(service.settings.poll_interval)
-    return RunResult(tuple(runner.applied), runner.failed, runner.state.phase)
+            return outcome
+        return None
+
+    _while_another_holds_the_lock(service, attempt, on_wait, timeout)
+    if runner.failure is not None:
+        raise runner.failure
+    return RunResult(tuple(runner.applied), runner.state.phase)
 
 
 # --- fenced writes -------------------------------------------------------------------------------
@@ -238,16 +263,8 @@ def _holding_lock(service, on_wait, timeout):
     backend = service.backend
     backend.ensure_storage()
     owner = make_owner()
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while True:
-        lease = backend.acquire(owner, service.settings.lease)
-        if lease is not None:
-            break
-        lock = backend.read_lock()
-        if on_wait is not None:
-            on_wait(lock)
-        _give_up(deadline, lock)
-        time.sleep(service.settings.poll_interval)
+    lease = _while_another_holds_the_lock(
+        service, lambda: backend.acquire(owner, service.settings.lease), on_wait, timeout)
     try:
         yield lease
     finally:

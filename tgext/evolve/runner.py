@@ -16,7 +16,7 @@ import time
 import traceback
 
 from . import logs
-from .errors import ConfigurationError, LeaseLost
+from .errors import ConfigurationError, EvolutionFailed, LeaseLost
 from .heartbeat import Heartbeat, ProgressSink
 from .planning import fingerprints, plan
 from .records import ADOPTED, DEFAULT_LOCK_NAME, FAILED
@@ -74,7 +74,7 @@ class Runner:
         self.listener = listener or RunListener()
         self.fingerprints = fingerprints(self.evolutions, config)
         self.applied = []  # ids this runner applied, in order
-        self.failed = None  # id of the evolution that failed in this runner, if any
+        self.failure = None  # EvolutionFailed for the evolution that failed in this runner
         self._stop = threading.Event()
         self._thread = None
         self._storage_ready = False
@@ -351,7 +351,7 @@ class Runner:
             if self.backend.is_transient(e) or self.backend.is_busy(e):
                 raise  # the connection died or the database was busy, not the evolution
             error = traceback.format_exc()
-            self.failed = evolution_id
+            self.failure = EvolutionFailed(evolution_id, error, self.applied)
             self.backend.record_failure(heartbeat.lease, evolution_id, error)
             log.error('evolution %r failed (attempt %d); its work was rolled back:\n%s',
                       evolution_id, running.attempts, error.rstrip())
