@@ -9,6 +9,7 @@ Starting a Python process that imports TurboGears costs seconds, so the racers a
 spawned processes kept for the whole test session (:class:`RacePool`); every race still opens a
 fresh backend with its own engine or client in each child and closes it afterwards.
 """
+import contextlib
 import multiprocessing
 import os
 import traceback
@@ -49,11 +50,56 @@ def open_backend(kind, url):
     return SQLAlchemyBackend(engine), engine.dispose
 
 
+#: The column :func:`a_later_storage_version` adds to the history table.
+LATER_COLUMN = 'checkpoint'
+
+
+@contextlib.contextmanager
+def a_later_storage_version():
+    """This process's tgext.evolve with one more storage step, as a later release would append
+    it: a NULLable ``checkpoint`` column on the history table (what Part 2's checkpoints will
+    add), so that the upgrade mechanism is tested with a step that ALTERs a table.  Yields the
+    step.  The package's own tables are left alone: the SQL backend finds the latest tables in
+    ``sql_schema.metadata`` at every call, which is replaced by a copy here.
+    """
+    import sqlalchemy as sa
+    from tgext.evolve.backends import base, sql_schema
+    step = base.StorageUpgrade(base.STORAGE_VERSION + 1, 'a checkpoint column (test)',
+                               new_columns=((base.HISTORY_TABLE, LATER_COLUMN),))
+    later = sa.MetaData()
+    for table in sql_schema.metadata.sorted_tables:
+        table.to_metadata(later)
+    later.tables[base.HISTORY_TABLE].append_column(sa.Column(LATER_COLUMN, sa.Text))
+    saved = base.UPGRADES, base.STORAGE_VERSION, sql_schema.metadata
+    base.UPGRADES, base.STORAGE_VERSION = base.UPGRADES + (step,), step.version
+    sql_schema.metadata = later
+    try:
+        yield step
+    finally:
+        base.UPGRADES, base.STORAGE_VERSION, sql_schema.metadata = saved
+
+
+def start_writing(backend, owner, lease_seconds):
+    """What a process with evolutions to run does first: create what is missing, take the lock
+    if it is free, upgrade the storage under it, let go.  Returns whether it upgraded (True),
+    lost the race for the lock (None), or found a table busy (False)."""
+    backend.ensure_storage()
+    lease = backend.acquire(owner, lease_seconds)
+    if lease is None:
+        return None
+    try:
+        return backend.upgrade_storage(lease)
+    finally:
+        backend.release(lease)
+
+
 def race(task):
     """Open a backend, wait for every sibling at the barrier, then do ``action`` once.
 
     Returns ``(owner, 'ok', value)`` or ``(owner, 'error', traceback)``; value is the acquired
-    lease's generation (or None) for ``acquire``, None for ``ensure_storage``.
+    lease's generation (or None) for ``acquire``, :func:`start_writing`'s result for
+    ``start_writing`` and ``start_writing_later`` (the same with
+    :func:`a_later_storage_version`), None for ``ensure_storage``.
     """
     kind, url, action, owner, lease_seconds = task
     close = None
@@ -66,6 +112,10 @@ def race(task):
         elif action == 'acquire':
             lease = backend.acquire(owner, lease_seconds)
             value = None if lease is None else lease.generation
+        elif action in ('start_writing', 'start_writing_later'):
+            later = a_later_storage_version if action.endswith('later') else contextlib.nullcontext
+            with later():
+                value = start_writing(backend, owner, lease_seconds)
         else:
             raise ValueError(action)
         return owner, 'ok', value

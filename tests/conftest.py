@@ -90,7 +90,8 @@ import ming  # noqa: E402
 from ming import schema as ming_schema  # noqa: E402
 from ming.odm import FieldProperty, MappedClass, ThreadLocalODMSession  # noqa: E402
 
-from tgext.evolve.backends.base import HISTORY_TABLE, LEGACY_TABLE, LOCK_TABLE  # noqa: E402
+from tgext.evolve.backends.base import (  # noqa: E402
+    HISTORY_TABLE, LEGACY_TABLE, LOCK_TABLE, SCHEMA_TABLE)
 
 
 # --- a hang must not eat the CI's time budget ---------------------------------------------------
@@ -443,6 +444,19 @@ class SQLHarness:
             return {'lock': self._rows(conn, LOCK_TABLE, 'name'),
                     'history': self._rows(conn, HISTORY_TABLE, 'evolution_id')}
 
+    def storage_records(self):
+        """Every row of the storage version table (None while it does not exist)."""
+        with self.reader.connect() as conn:
+            return self._rows(conn, SCHEMA_TABLE, 'name')
+
+    def drop_store(self, name):
+        """Storage as an older version left it: without ``name``."""
+        with self.reader.begin() as conn:
+            conn.exec_driver_sql(f'DROP TABLE {name}')
+
+    def column_names(self, store):
+        return {column['name'] for column in sa.inspect(self.reader).get_columns(store)}
+
     def create_legacy(self, rows):
         """The 0.0.5 table ``tgext_evolve(type VARCHAR(16) PK, value VARCHAR(255))`` with rows."""
         table = sa.Table(LEGACY_TABLE, sa.MetaData(),
@@ -530,6 +544,13 @@ class MongoHarness:
 
     def snapshot(self):
         return {'lock': self._docs(LOCK_TABLE), 'history': self._docs(HISTORY_TABLE)}
+
+    def storage_records(self):
+        return self._docs(SCHEMA_TABLE)
+
+    def drop_store(self, name):
+        if name in self.store_names():  # MIM fails on a collection it does not have
+            self.reader_db.drop_collection(name)
 
     def create_legacy(self, docs):
         """The 0.0.5 collection ``tgext_evolve`` (unique index on ``type``) with documents."""

@@ -7,7 +7,9 @@ gearbox command (``commands.py``) parses arguments and prints; a deploy script m
 functions directly.
 
 Every write is fenced like the runner's: the lock is acquired first (waiting while another
-process holds it), the write checks the lease, the lock is released.
+process holds it), tgext.evolve's own storage is brought to this release's version under it,
+the write checks the lease, the lock is released.  The reading verbs (status, history, plan)
+create and upgrade nothing.
 """
 import contextlib
 import dataclasses
@@ -120,9 +122,9 @@ class PlanItem:
 
 
 def _read(service):
-    backend = service.backend
-    backend.ensure_storage()
-    return backend.read_history(), backend.read_lock()
+    # Read-only verbs create nothing and upgrade nothing: on a new database they read an
+    # empty history and no lock.
+    return service.backend.read_history(), service.backend.read_lock()
 
 
 def _plan(service, history):
@@ -257,6 +259,23 @@ def run(service, *, listener=None, on_wait=None, timeout=None):
 
 # --- fenced writes -------------------------------------------------------------------------------
 
+def _acquire_current(backend, owner, lease_seconds):
+    """The lease, on storage at this release's version; None while another process holds the
+    lock (or a table the upgrade needs is in use: wait as for the lock)."""
+    lease = backend.acquire(owner, lease_seconds)
+    if lease is None:
+        return None
+    try:
+        current = backend.upgrade_storage(lease)
+    except BaseException:
+        backend.release(lease)
+        raise
+    if not current:
+        backend.release(lease)
+        return None
+    return lease
+
+
 @contextlib.contextmanager
 def _holding_lock(service, on_wait, timeout):
     """Acquire the lock (waiting while another process holds it), yield the lease, release."""
@@ -264,7 +283,8 @@ def _holding_lock(service, on_wait, timeout):
     backend.ensure_storage()
     owner = make_owner()
     lease = _while_another_holds_the_lock(
-        service, lambda: backend.acquire(owner, service.settings.lease), on_wait, timeout)
+        service, lambda: _acquire_current(backend, owner, service.settings.lease), on_wait,
+        timeout)
     try:
         yield lease
     finally:
@@ -335,7 +355,6 @@ def retry(service, ids, *, on_wait=None, timeout=None):
     within one poll interval) runs them again.  Returns the failed records cleared."""
     ids = tuple(dict.fromkeys(ids))
     _refuse_unknown(service, ids, False, 'retry')
-    service.backend.ensure_storage()
     _refuse_not_failed(ids, service.backend.read_history())  # before waiting for the lock
     with _holding_lock(service, on_wait, timeout) as lease:
         history = service.backend.read_history()
@@ -370,10 +389,10 @@ def release_lock(service, *, force=False):
     A lock whose lease is still valid is refused unless ``force``: its holder is alive and
     renewing it.  An expired one is taken and released in one compare-and-set, so that a
     holder renewing at that very moment cannot lose it.  ``force`` breaks the lock whatever
-    its state and records who broke it; the holder's next fenced write then fails.
+    its state and records who broke it; the holder's next fenced write then fails.  Only the
+    lock record is touched, which every storage version has: nothing is created or upgraded.
     """
     backend = service.backend
-    backend.ensure_storage()
     lock = backend.read_lock()
     if lock is None or lock.owner is None:
         return ReleaseResult('free', lock)

@@ -34,6 +34,10 @@ DONE = 'done'  # the gate is open for good: stop
 WAIT = 'wait'  # poll again after poll_interval
 AGAIN = 'again'  # step again at once (the lock was just released)
 
+# How far a runner has brought tgext.evolve's own storage.
+CREATED = 'created'  # every store exists
+CURRENT = 'current'  # and is at this release's storage version
+
 
 def make_owner():
     """``host:pid:token``: PIDs repeat across hosts and containers, the token never does."""
@@ -77,7 +81,7 @@ class Runner:
         self.failure = None  # EvolutionFailed for the evolution that failed in this runner
         self._stop = threading.Event()
         self._thread = None
-        self._storage_ready = False
+        self._storage = None  # CREATED once ensure_storage() ran, CURRENT once upgraded
         self._failures_at_start = None
         self._attempted = set()
         self._waiting = False
@@ -156,7 +160,7 @@ class Runner:
                 self._set_waiting(lock)
                 return WAIT
             self._waiting = False
-        history = self._read_history()
+        history = self.backend.read_history()  # empty on a new database
         self._database_answered()
         if self._failures_at_start is None:
             self._failures_at_start = {i: r.attempts for i, r in history.items()
@@ -176,8 +180,7 @@ class Runner:
         self._note(('lock', lease.generation), logging.INFO,
                    'lock acquired (generation %d) by %s: %d evolution(s) pending',
                    lease.generation, self.owner, len(steps))
-        self._run_locked(lease)
-        return AGAIN
+        return self._run_locked(lease)
 
     def _database_answered(self):
         # Here, not in run(): a step that succeeds logs its own news (lock acquired...), and
@@ -203,20 +206,31 @@ class Runner:
         else:
             log.debug('database busy (%s), retrying at the next poll', error)
 
-    def _read_history(self):
-        try:
-            return self.backend.read_history()
-        except Exception:
-            if self._storage_ready:
-                raise
-            # A new database: create the tables, then read again (an outage raises here).
-            self._ensure_storage()
-            return self.backend.read_history()
-
     def _ensure_storage(self):
-        if not self._storage_ready:
+        # Only a process with something to write gets here: one on an evolved database only
+        # ever reads the history (no table built, no version read).
+        if self._storage is None:
             self.backend.ensure_storage()
-            self._storage_ready = True
+            self._storage = CREATED
+
+    def _upgrade_storage(self, heartbeat):
+        """Bring tgext.evolve's own storage to this release's version, under the lock; False
+        if that has to wait (then so do the evolutions)."""
+        if self._storage == CURRENT:
+            return True
+        try:
+            current = self.backend.upgrade_storage(heartbeat.lease)
+        except LeaseLost:
+            heartbeat.lost.set()
+            current = False
+        if not current:
+            self.state.set_phase(WAITING)
+            self._note(('storage-wait',), logging.INFO,
+                       "evolutions pending; upgrading tgext.evolve's storage waits for tables "
+                       'other connections are using, retrying at the next poll')
+            return False
+        self._storage = CURRENT
+        return True
 
     def _retryable(self, step):
         """A failure is retried once per process start, and only if nobody retried it since."""
@@ -286,6 +300,8 @@ class Runner:
         heartbeat = Heartbeat(self.backend, lease, self.settings.heartbeat_interval)
         heartbeat.start()
         try:
+            if not self._upgrade_storage(heartbeat):
+                return WAIT
             self._adopt_legacy(heartbeat)
             # Re-plan inside the lock: another process may have finished meanwhile.
             history = self.backend.read_history()
@@ -302,6 +318,7 @@ class Runner:
                 except Exception as e:
                     log.warning('could not release the lock (%s: %s); it expires in %s s',
                                 type(e).__name__, e, self.settings.lease)
+        return AGAIN
 
     def _adopt_legacy(self, heartbeat):
         legacy = self.backend.read_legacy()

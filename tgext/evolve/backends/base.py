@@ -1,6 +1,6 @@
 """The storage contract every backend implements.
 
-A backend owns two stores, named the same on every database:
+A backend owns three stores, named the same on every database:
 
 ``tgext_evolve_lock``
     one record per lock name: ``name``, ``owner``, ``generation`` (+1 on every acquisition,
@@ -9,6 +9,10 @@ A backend owns two stores, named the same on every database:
     one record per evolution id: ``evolution_id``, ``state``, ``attempts``, ``started_at``,
     ``finished_at``, ``duration_ms``, ``owner``, ``generation``, ``error``, ``progress_done``,
     ``progress_total``, ``fingerprint``.
+``tgext_evolve_schema``
+    the version of these stores: one record, ``name = 'storage'``, with ``version``,
+    ``upgraded_at`` and ``upgraded_by`` (an owner string).  Lock and history stores without it
+    are version 1 (what 1.0's development versions created).
 
 Times are float seconds since the epoch.  SQL backends take them from the database clock so
 that hosts with skewed clocks cannot steal or extend a lease; the Ming backend uses the client
@@ -23,14 +27,46 @@ The runner (``tgext.evolve.runner``) is the only caller during normal operation;
 the same methods.  Backends know nothing about HTTP, TurboGears requests or the runner's state.
 """
 import abc
-from typing import Callable, Iterable, Mapping, Optional
+from typing import Callable, Iterable, Mapping, NamedTuple, Optional, Tuple
 
 from ..records import DEFAULT_LOCK_NAME, HistoryRecord, Lease, LegacyState, LockRecord
 
 #: The stores, named the same on every database.
 LOCK_TABLE = 'tgext_evolve_lock'
 HISTORY_TABLE = 'tgext_evolve_history'
+SCHEMA_TABLE = 'tgext_evolve_schema'
 LEGACY_TABLE = 'tgext_evolve'
+#: The name of the storage version's record in :data:`SCHEMA_TABLE`.
+STORAGE_RECORD = 'storage'
+
+
+class StorageUpgrade(NamedTuple):
+    """One step of the stores' version, from ``version - 1`` to ``version``.
+
+    Additive only, so that processes of the previous release keep working on upgraded storage
+    (and new code can read old storage while an old process holds the lock): new stores, new
+    indexes, new NULLable columns (fields), never a rename, a drop or a NOT NULL.
+    """
+    version: int
+    description: str  # for the log line
+    new_stores: Tuple[str, ...] = ()  # tables / collections
+    new_columns: Tuple[Tuple[str, str], ...] = ()  # (store, column); Mongo: nothing to do
+
+
+#: Every step since version 1, in order: the one list.  Adding a step is appending it here and
+#: adding what it adds to the latest definitions (the tables of ``sql_schema.py``, the blank
+#: history document of ``ming.py``), which an empty database gets directly.
+UPGRADES = (
+    StorageUpgrade(2, 'the storage version, recorded in tgext_evolve_schema',
+                   new_stores=(SCHEMA_TABLE,)),
+)
+#: The version this release's code reads and writes.
+STORAGE_VERSION = UPGRADES[-1].version
+
+
+def upgrades_after(version: int) -> Tuple[StorageUpgrade, ...]:
+    """The steps that take storage of ``version`` to :data:`STORAGE_VERSION`, in order."""
+    return tuple(step for step in UPGRADES if step.version > version)
 
 
 class Backend(abc.ABC):
@@ -48,10 +84,32 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def ensure_storage(self) -> None:
-        """Create the lock and history stores (and their indexes) if missing.
+        """Create the stores (and their indexes) that are missing, as the latest storage
+        version defines them: an empty database gets the latest storage directly.
 
         Idempotent, and safe when many processes call it at the same moment on an empty
-        database: every caller returns normally once the stores exist.
+        database: every caller returns normally once the stores exist.  It never alters a
+        store that exists, nor records a version (:meth:`upgrade_storage` does both), so it
+        may run at any time, also while another process holds the lock.
+        """
+
+    @abc.abstractmethod
+    def read_storage_version(self) -> int:
+        """The recorded version of the stores: 1 for lock and history stores without a
+        record, 0 when there are no stores at all."""
+
+    @abc.abstractmethod
+    def upgrade_storage(self, lease: Lease) -> bool:
+        """Bring the stores to :data:`STORAGE_VERSION`, one step of :data:`UPGRADES` at a time.
+
+        Only for the holder of the lock (fenced: LeaseLost if ``lease`` is stale), so that a
+        step that alters a store never waits behind, nor blocks, an evolution's transaction.
+        Each step is idempotent (what exists already is skipped, so on storage that
+        :meth:`ensure_storage` created at the latest version a step only records its version;
+        what a concurrent creator added meanwhile is tolerated) and records its version with a
+        compare-and-set from the version before it.  A step waits for a database lock on a store only briefly (readers
+        queue behind a waiting ALTER): when that wait runs out it returns False, nothing
+        recorded, to be tried again at the next acquisition.  True once the stores are current.
         """
 
     @abc.abstractmethod
@@ -78,15 +136,17 @@ class Backend(abc.ABC):
         wait (SQLite's single writer): contention to retry at the next poll, not an outage."""
         return False
 
-    # --- reading (never fenced, never locking) -------------------------------------------------
+    # --- reading (never fenced, never locking, never creating) ---------------------------------
 
     @abc.abstractmethod
     def read_history(self) -> Mapping[str, HistoryRecord]:
-        """Every history record, keyed by evolution id, in one query."""
+        """Every history record, keyed by evolution id, in one query; empty when the history
+        store does not exist yet.  Reads only what storage version 1 has."""
 
     @abc.abstractmethod
     def read_lock(self, name: str = DEFAULT_LOCK_NAME) -> Optional[LockRecord]:
-        """The lock record, or None when it was never acquired."""
+        """The lock record, or None when it was never acquired (or its store does not exist
+        yet).  Reads only what storage version 1 has."""
 
     @abc.abstractmethod
     def read_legacy(self) -> Optional[LegacyState]:

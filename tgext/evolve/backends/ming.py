@@ -76,6 +76,12 @@ _RACING_CREATE_CODES = frozenset((
 ))
 _CREATE_ATTEMPTS = 5
 
+#: The field of each store that a unique index covers.  ``_id`` already makes lock names and
+#: evolution ids unique; these make the documented key fields unique for anyone who queries by
+#: them, and creating them is also what creates the collections on a real server.  The schema
+#: store has none: its one document is found by ``_id``.
+_KEY_FIELDS = {base.LOCK_TABLE: 'name', base.HISTORY_TABLE: 'evolution_id'}
+
 _HISTORY_FIELDS = records.HistoryRecord._fields
 # Every history document carries every field, as the SQL table does; ``progress_at`` (when the
 # progress was last reported) exists only here.
@@ -119,19 +125,61 @@ class MingBackend(base.Backend):
     # --- set-up --------------------------------------------------------------------------------
 
     def ensure_storage(self) -> None:
-        # ``_id`` already makes lock names and evolution ids unique; these indexes make the
-        # documented key fields unique for anyone who queries by them, and creating them is also
-        # what creates the collections on a real server.
-        for collection, key in ((self._locks, 'name'), (self._history, 'evolution_id')):
+        self._create_stores(_KEY_FIELDS)
+
+    def _create_stores(self, names):
+        for name in names:
+            if name not in _KEY_FIELDS:
+                continue  # created by its first document
             for attempt in range(1, _CREATE_ATTEMPTS + 1):
                 try:
                     with self._guard():
-                        collection.create_index([(key, ASCENDING)], unique=True)
+                        self._collection(name).create_index([(_KEY_FIELDS[name], ASCENDING)],
+                                                            unique=True)
                     break
                 except OperationFailure as exc:
                     if exc.code not in _RACING_CREATE_CODES or attempt == _CREATE_ATTEMPTS:
                         raise
                     time.sleep(0.05 * attempt)
+
+    def _exists(self, name):
+        # MIM creates a collection merely by being asked for it: reading must not create one.
+        # A real server creates nothing on a read, and is not asked.
+        return not self._is_mim or name in self.db.list_collection_names()
+
+    def read_storage_version(self) -> int:
+        with self._guard():
+            record = (self._collection(base.SCHEMA_TABLE).find_one({'_id': base.STORAGE_RECORD})
+                      if self._exists(base.SCHEMA_TABLE) else None)
+            names = set(self.db.list_collection_names())
+        if record is not None:
+            return record['version']
+        return 1 if names & set(_KEY_FIELDS) else 0
+
+    def upgrade_storage(self, lease: records.Lease) -> bool:
+        for step in base.upgrades_after(self.read_storage_version()):
+            # New fields need nothing: a document without one reads as None, and new documents
+            # get every field from _BLANK_HISTORY.
+            self._create_stores(step.new_stores)
+            with self._guard():
+                self._fence(lease, time.time())
+                self._record_version(step, lease.owner)
+            log.info('storage version %d: %s (by %s)', step.version, step.description,
+                     lease.owner)
+        return True
+
+    def _record_version(self, step, owner):
+        """Compare-and-set from the version before ``step`` (no document: version 1)."""
+        schema = self._collection(base.SCHEMA_TABLE)
+        values = {'version': step.version, 'upgraded_at': time.time(), 'upgraded_by': owner}
+        if step.version - 1 == 1:
+            try:
+                schema.insert_one({'_id': base.STORAGE_RECORD, **values})
+                return
+            except DuplicateKeyError:
+                pass
+        schema.update_one({'_id': base.STORAGE_RECORD, 'version': step.version - 1},
+                          {'$set': values})
 
     def now(self) -> float:
         return time.time()
@@ -152,11 +200,13 @@ class MingBackend(base.Backend):
 
     def read_history(self) -> Mapping[str, records.HistoryRecord]:
         with self._guard():
+            if not self._exists(base.HISTORY_TABLE):
+                return {}
             return {doc['_id']: _history_record(doc) for doc in self._history.find()}
 
     def read_lock(self, name: str = records.DEFAULT_LOCK_NAME) -> Optional[records.LockRecord]:
         with self._guard():
-            doc = self._locks.find_one({'_id': name})
+            doc = self._locks.find_one({'_id': name}) if self._exists(base.LOCK_TABLE) else None
         return None if doc is None else _lock_record(doc, time.time())
 
     def read_legacy(self) -> Optional[records.LegacyState]:

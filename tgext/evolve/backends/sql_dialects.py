@@ -8,6 +8,11 @@ import contextlib
 
 import sqlalchemy as sa
 
+#: The longest a storage upgrade's ALTER waits for a table lock, in seconds.  Short: while an
+#: ALTER waits, every read of that table queues behind it (PostgreSQL's lock queue, MySQL's
+#: metadata locks), and the whole cluster reads the history and the lock.
+DDL_LOCK_WAIT = 1
+
 
 class DefaultImpl:
     """A dialect that needs nothing special (and the behaviour the others start from)."""
@@ -24,6 +29,16 @@ class DefaultImpl:
         """True when ``error`` means another connection keeps the database's single write lock
         (SQLite): contention to retry at the next poll, not an outage."""
         return False
+
+    def bounded_lock_wait(self, conn):
+        """Around a storage upgrade's DDL on ``conn``: wait at most :data:`DDL_LOCK_WAIT` for a
+        table lock, then fail with an error :meth:`is_lock_timeout` recognises."""
+        return contextlib.nullcontext()
+
+    def is_lock_timeout(self, error):
+        """True when ``error`` is the end of a :meth:`bounded_lock_wait` (or SQLite's busy
+        wait): the DDL can be tried again later."""
+        return self.is_busy(error)
 
 
 class SQLiteImpl(DefaultImpl):
@@ -65,11 +80,47 @@ class PostgreSQLImpl(DefaultImpl):
     # apply()'s transaction lasts as long as the evolution.
     now_sql = 'CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION)'
 
+    @contextlib.contextmanager
+    def bounded_lock_wait(self, conn):
+        # LOCAL: for this transaction only, and back to the session's value after the DDL.
+        conn.exec_driver_sql(f"SET LOCAL lock_timeout = '{DDL_LOCK_WAIT * 1000:.0f}ms'")
+        yield
+        conn.exec_driver_sql('SET LOCAL lock_timeout TO DEFAULT')
+
+    def is_lock_timeout(self, error):
+        orig = getattr(error, 'orig', None)
+        # 55P03 lock_not_available: psycopg 3 says sqlstate, psycopg2 pgcode.
+        return '55P03' in (getattr(orig, 'sqlstate', None), getattr(orig, 'pgcode', None))
+
 
 class MySQLImpl(DefaultImpl):
     # Pure UTC arithmetic: UNIX_TIMESTAMP(NOW()) goes through the session time zone and is
     # ambiguous for an hour every autumn.
     now_sql = "(TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(6)) / 1000000.0)"
+
+    #: ER_LOCK_WAIT_TIMEOUT, also for a metadata lock (what an ALTER waits for).
+    LOCK_WAIT_TIMEOUT = 1205
+
+    @contextlib.contextmanager
+    def bounded_lock_wait(self, conn):
+        # SESSION, not LOCAL: MySQL has no transaction-scoped setting, and DDL commits anyway.
+        # The connection goes back to the application's pool: its own value is put back, or
+        # the connection is discarded.
+        previous = conn.exec_driver_sql('SELECT @@SESSION.lock_wait_timeout').scalar_one()
+        conn.exec_driver_sql(f'SET SESSION lock_wait_timeout = {DDL_LOCK_WAIT:d}')
+        try:
+            yield
+        finally:
+            try:
+                conn.exec_driver_sql(f'SET SESSION lock_wait_timeout = {int(previous):d}')
+            except Exception:
+                # Never back to the pool with our setting.  Not raised: an error of the DDL
+                # says more, and without one the next statement fails on this connection.
+                conn.invalidate()
+
+    def is_lock_timeout(self, error):
+        args = getattr(getattr(error, 'orig', None), 'args', ())
+        return bool(args) and args[0] == self.LOCK_WAIT_TIMEOUT
 
 
 _IMPLS = {

@@ -1,15 +1,17 @@
-"""The SQL tables of the storage contract, and the database clock as an SQL expression.
+"""The SQL tables of the storage contract as the latest storage version defines them, and the
+database clock as an SQL expression.
 
 Kept apart from :mod:`.sqlalchemy` so that building them (~4 ms of a process's start-up) is
 paid by the first statement that needs them: a process started on an evolved database only
-reads the history, with a textual query, and never loads this module.
+reads the history, with a textual query, and never loads this module.  A column added here by
+a later storage version also needs its step in ``base.UPGRADES``.
 """
 import sqlalchemy as sa
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.functions import FunctionElement
 
 from ..records import MAX_ID_LENGTH, MAX_OWNER_LENGTH
-from .base import HISTORY_TABLE, LEGACY_TABLE, LOCK_TABLE
+from .base import HISTORY_TABLE, LEGACY_TABLE, LOCK_TABLE, SCHEMA_TABLE
 from .sql_dialects import impl_for
 
 
@@ -43,6 +45,15 @@ history_table = sa.Table(
     sa.Column('progress_total', sa.BigInteger, nullable=True),
     sa.Column('progress_at', Time, nullable=True),
     sa.Column('fingerprint', sa.String(MAX_ID_LENGTH), nullable=True),
+)
+
+# Storage version 2.
+schema_table = sa.Table(
+    SCHEMA_TABLE, metadata,
+    sa.Column('name', sa.String(MAX_ID_LENGTH), primary_key=True),
+    sa.Column('version', sa.Integer, nullable=False),
+    sa.Column('upgraded_at', Time, nullable=True),
+    sa.Column('upgraded_by', sa.String(MAX_OWNER_LENGTH), nullable=True),
 )
 
 # Read-only view of the 0.0.5 table; never created by us.

@@ -9,7 +9,6 @@ application's session joined, and issues the fencing check and the ``applied`` h
 that session's connection, so all three commit or roll back together.
 """
 import contextlib
-import time
 
 import sqlalchemy as sa
 import transaction
@@ -21,7 +20,8 @@ from ..errors import LeaseLost
 from .. import forking, logs
 from ..records import (APPLIED, DEFAULT_LOCK_NAME, DONE_STATES, FAILED, RUNNING, HistoryRecord,
                        Lease, LegacyState, LockRecord, require_done_state)
-from .base import HISTORY_TABLE, LEGACY_TABLE, Backend
+from . import base
+from .base import HISTORY_TABLE, LEGACY_TABLE, LOCK_TABLE, Backend
 from .sql_dialects import impl_for
 
 log = logs.backend
@@ -80,38 +80,20 @@ class SQLAlchemyBackend(Backend):
     # --- set-up --------------------------------------------------------------------------------
 
     def ensure_storage(self):
-        # Concurrent CREATE TABLE on an empty database fails in all but one process (duplicate
-        # table, or PostgreSQL's unique violation on pg_type); the loser retries and finds the
-        # tables the winner created.
-        from .sql_schema import metadata
-        deadline = time.monotonic() + 30
-        delay = 0.05
-        while True:
-            try:
-                metadata.create_all(self.engine, checkfirst=True)
-                return
-            except (sa_exc.OperationalError, sa_exc.ProgrammingError,
-                    sa_exc.IntegrityError) as e:
-                if self._impl.is_busy(e):
-                    raise  # another writer holds the file: the runner polls again
-                if self._storage_exists():
-                    return
-                # An unreachable database is an outage for the runner's backoff, not a race
-                # to wait out here: this raises the connection error at once.
-                self.now()
-                if time.monotonic() > deadline:
-                    raise
-                log.debug('tables are being created elsewhere (%s), retrying', type(e).__name__)
-                time.sleep(delay)
-                delay = min(delay * 2, 1.0)
+        from . import sql_storage
+        sql_storage.create_missing_tables(self.engine, self._impl)
 
-    def _storage_exists(self):
-        from .sql_schema import metadata
-        try:
-            inspector = sa.inspect(self.engine)
-            return all(inspector.has_table(t.name) for t in metadata.sorted_tables)
-        except sa_exc.DBAPIError:
-            return False
+    def read_storage_version(self):
+        from . import sql_storage
+        return sql_storage.storage_version(self.engine)
+
+    def upgrade_storage(self, lease):
+        from . import sql_storage
+        for step in base.upgrades_after(self.read_storage_version()):
+            if not sql_storage.upgrade(self.engine, self._impl, step,
+                                       lambda conn: self._fence(conn, lease), lease.owner):
+                return False
+        return True
 
     def now(self):
         from .sql_schema import db_now
@@ -136,19 +118,31 @@ class SQLAlchemyBackend(Backend):
 
     # --- reading -------------------------------------------------------------------------------
 
-    def read_history(self):
+    def _reading(self, table, statement, missing):
+        """The rows ``statement`` reads from ``table``, or ``missing`` while the table does not
+        exist.  Looked into only after a failure: an evolved database pays the read alone."""
+        try:
+            with self.engine.connect() as conn:
+                return conn.execute(statement).fetchall()
+        except sa_exc.DBAPIError:
+            try:
+                if not sa.inspect(self.engine).has_table(table):
+                    return missing
+            except sa_exc.DBAPIError:
+                pass  # the database cannot tell: the read below raises what is wrong
+        # Created meanwhile (many processes starting on a new database), or an outage.
         with self.engine.connect() as conn:
-            rows = conn.execute(_READ_HISTORY).fetchall()
+            return conn.execute(statement).fetchall()
+
+    def read_history(self):
+        rows = self._reading(HISTORY_TABLE, _READ_HISTORY, ())
         return {row.evolution_id: _history_record(row) for row in rows}
 
     def read_lock(self, name=DEFAULT_LOCK_NAME):
         from .sql_schema import db_now, lock_table
         query = sa.select(lock_table, db_now().label('now')).where(lock_table.c.name == name)
-        with self.engine.connect() as conn:
-            row = conn.execute(query).first()
-        if row is None:
-            return None
-        return self._lock_record(row)
+        rows = self._reading(LOCK_TABLE, query, ())
+        return self._lock_record(rows[0]) if rows else None
 
     @staticmethod
     def _lock_record(row):
