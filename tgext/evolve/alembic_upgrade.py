@@ -7,6 +7,7 @@ optional dependency (``tgext.evolve[alembic]``).
 """
 import hashlib
 import os
+from typing import Any, Mapping, Optional, Sequence
 
 from . import logs
 from .errors import ConfigurationError
@@ -38,8 +39,8 @@ class AlembicUpgrade(Evolution):
     under the lock, but commits apart from its record (a warning says so).
     """
 
-    def __init__(self, script_location='migration', revision='head', *, evolution_id=None,
-                 depends_on=()):
+    def __init__(self, script_location: str = 'migration', revision: str = 'head', *,
+                 evolution_id: Optional[str] = None, depends_on: Sequence[str] = ()) -> None:
         if not isinstance(script_location, str) or not script_location.strip():
             raise ConfigurationError(
                 f'AlembicUpgrade: script_location must be a directory name, not '
@@ -53,7 +54,7 @@ class AlembicUpgrade(Evolution):
         self.evolution_id = evolution_id or f'alembic:{script_location}'
         self.depends_on = depends_on
 
-    def fingerprint(self):
+    def fingerprint(self) -> str:
         """The revision id(s) ``revision`` stands for today: a new head means a new upgrade."""
         if self.config is not None and self._engine() is None:
             raise ConfigurationError(
@@ -73,11 +74,12 @@ class AlembicUpgrade(Evolution):
             fingerprint = 'sha256:' + hashlib.sha256(fingerprint.encode()).hexdigest()
         return fingerprint
 
-    def evolve(self):
+    def evolve(self) -> None:
         from alembic import command
         from sqlalchemy import event
         engine = self._engine()
-        session = self.config.get('SQLASession') or self.config['DBSession']
+        config: Mapping[str, Any] = self.config or {}  # set by the runner before evolve()
+        session = config.get('SQLASession') or config['DBSession']
         # The session's connection to that engine is the one tgext.evolve writes the history
         # record on when evolve() returns: the same database transaction.
         connection = session().connection(bind_arguments={'bind': engine})

@@ -1,4 +1,5 @@
 """The :class:`Evolution` base class and the checks run on what an application registers."""
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from .errors import ConfigurationError
 from .records import MAX_ID_LENGTH
@@ -15,20 +16,20 @@ class Evolution:
     """
 
     #: Unique, at most 128 characters, never renamed.
-    evolution_id = None
+    evolution_id: Optional[str] = None
 
     #: Ids of evolutions that must be applied before this one.
-    depends_on = ()
+    depends_on: Sequence[str] = ()
 
     #: The application's configuration, set before ``evolve()`` is called.
-    config = None
+    config: Optional[Mapping[str, Any]] = None
 
-    _progress_sink = None
+    _progress_sink: Optional[Callable[[int, Optional[int]], None]] = None  # set by the runner
 
-    def evolve(self):
+    def evolve(self) -> None:
         raise NotImplementedError
 
-    def fingerprint(self):
+    def fingerprint(self) -> Optional[str]:
         """A string identifying what this evolution would do, or None (the default).
 
         An evolution with a fingerprint is *repeatable*: it runs again whenever its fingerprint
@@ -37,7 +38,7 @@ class Evolution:
         """
         return None
 
-    def progress(self, done, total=None):
+    def progress(self, done: int, total: Optional[int] = None) -> None:
         """Report how far ``evolve()`` got: ``done`` units of ``total`` (if known).
 
         Cheap to call in a loop: storage writes and log lines are throttled.  Raises
@@ -48,7 +49,7 @@ class Evolution:
         if sink is not None:
             sink(done, total)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f'<{type(self).__name__} {self.evolution_id!r}>'
 
 

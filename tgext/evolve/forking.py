@@ -26,6 +26,7 @@ import logging
 import os
 import threading
 import weakref
+from typing import Callable, List, Optional
 
 # Not a gated logger (:mod:`.logs`): its one line is written by the thread about to fork, while
 # the gate is closed.
@@ -129,7 +130,8 @@ class ForkGatedBackend:
 
 # --- resets in a forked child --------------------------------------------------------------
 
-_resets = []  # callables, or weak references to bound methods
+# Each returns the reset to call (None once a registered object is gone).
+_resets: List[Callable[[], Optional[Callable[[], None]]]] = []
 _resets_guard = threading.Lock()
 _reset_in_pid = os.getpid()
 

@@ -4,6 +4,7 @@ What runs in each process once the hooks fire (the runner thread, the gate state
 handling) is the service's (:mod:`.service`); this module only connects it to TurboGears.
 """
 import weakref
+from typing import Any, Dict, Mapping, Optional
 
 from tg import hooks
 
@@ -14,10 +15,10 @@ from .options import check_plug_options
 from .planning import run_order
 from .service import SERVICE_KEY, install_service
 
-_registrations = weakref.WeakKeyDictionary()  # configurator -> _Registration
+_registrations: 'weakref.WeakKeyDictionary[Any, _Registration]' = weakref.WeakKeyDictionary()
 
 
-def plugme(configurator, options=None):
+def plugme(configurator: Any, options: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
     """Register evolutions (and settings) with a TurboGears configurator.
 
     ``configurator`` is an ``AppConfig`` or an application configurator (FullStack/Minimal);
@@ -37,12 +38,10 @@ def plugme(configurator, options=None):
             f'configurator')
     if 'evolutions' not in options:
         raise ConfigurationError('tgext.evolve.plugme: the "evolutions" option is required')
-    registration = _registrations.get(target)
-    first = registration is None
-    if first:
-        registration = _Registration(target)
+    known = _registrations.get(target)
+    registration = known if known is not None else _Registration(target)
     registration.add(options)
-    if first:
+    if known is None:
         _registrations[target] = registration
         if target is configurator:
             configurator.register_application_wrapper(MaintenanceApplicationWrapper,
