@@ -63,20 +63,20 @@ def a_later_storage_version():
     ``sql_schema.metadata`` at every call, which is replaced by a copy here.
     """
     import sqlalchemy as sa
-    from tgext.evolve.backends import base, sql_schema
-    step = base.StorageUpgrade(base.STORAGE_VERSION + 1, 'a checkpoint column (test)',
-                               new_columns=((base.HISTORY_TABLE, LATER_COLUMN),))
+    from tgext.evolve.backends import base, sql_schema, upgrades
+    step = upgrades.StorageUpgrade(upgrades.STORAGE_VERSION + 1, 'a checkpoint column (test)',
+                                   new_columns=((base.HISTORY_TABLE, LATER_COLUMN),))
     later = sa.MetaData()
     for table in sql_schema.metadata.sorted_tables:
         table.to_metadata(later)
     later.tables[base.HISTORY_TABLE].append_column(sa.Column(LATER_COLUMN, sa.Text))
-    saved = base.UPGRADES, base.STORAGE_VERSION, sql_schema.metadata
-    base.UPGRADES, base.STORAGE_VERSION = base.UPGRADES + (step,), step.version
+    saved = upgrades.UPGRADES, upgrades.STORAGE_VERSION, sql_schema.metadata
+    upgrades.UPGRADES, upgrades.STORAGE_VERSION = upgrades.UPGRADES + (step,), step.version
     sql_schema.metadata = later
     try:
         yield step
     finally:
-        base.UPGRADES, base.STORAGE_VERSION, sql_schema.metadata = saved
+        upgrades.UPGRADES, upgrades.STORAGE_VERSION, sql_schema.metadata = saved
 
 
 def start_writing(backend, owner, lease_seconds):

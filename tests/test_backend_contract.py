@@ -26,8 +26,8 @@ import pytest
 import backend_workers
 from polling import wait_until
 from backend_workers import LATER_COLUMN
-from tgext.evolve.backends.base import (HISTORY_TABLE, LOCK_TABLE, SCHEMA_TABLE, STORAGE_VERSION,
-                                        Backend)
+from tgext.evolve.backends.base import HISTORY_TABLE, LOCK_TABLE, SCHEMA_TABLE, Backend
+from tgext.evolve.backends.upgrades import STORAGE_VERSION
 from tgext.evolve.errors import LeaseLost
 from tgext.evolve.records import (
     ADOPTED, APPLIED, DEFAULT_LOCK_NAME, FAILED, MARKED, MAX_ID_LENGTH, MAX_OWNER_LENGTH, RUNNING,

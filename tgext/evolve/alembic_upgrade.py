@@ -5,6 +5,9 @@ upgrades to, so it runs again whenever a release brings a new head, and data evo
 ``depends_on`` it.  Alembic is imported only when an upgrade is planned or run: it is an
 optional dependency (``tgext.evolve[alembic]``).
 """
+# Type hints for readers and checkers, never evaluated: that would cost every process start-up.
+from __future__ import annotations
+
 import hashlib
 import os
 from typing import Any, Mapping, Optional, Sequence

@@ -3,6 +3,9 @@
 A caller's mistake that no user input can cause (a backend asked to record a state that is not
 a done state) stays a plain ``ValueError``.
 """
+# Type hints for readers and checkers, never evaluated: that would cost every process start-up.
+from __future__ import annotations
+
 from typing import Optional, Sequence
 
 

@@ -1,4 +1,7 @@
 """The :class:`Evolution` base class and the checks run on what an application registers."""
+# Type hints for readers and checkers, never evaluated: that would cost every process start-up.
+from __future__ import annotations
+
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from .errors import ConfigurationError

@@ -21,6 +21,9 @@ a child, and this module handles both:
 
 The evolution thread itself is restarted lazily, by the service, on the child's first request.
 """
+# Type hints for readers and checkers, never evaluated: that would cost every process start-up.
+from __future__ import annotations
+
 import contextlib
 import logging
 import os

@@ -14,20 +14,28 @@ ROOT = 'tgext.evolve'
 
 
 class GatedLogger:
-    """A logger writing each line through :data:`~.forking.fork_gate`."""
+    """The logger ``name``, writing each line through :data:`~.forking.fork_gate`.
 
-    def __init__(self, logger, gate=fork_gate):
-        self._logger = logger
+    The :class:`logging.Logger` is looked up at the first line: most parts log nothing in a
+    process that starts on an evolved database, which need not pay for creating them.
+    """
+
+    def __init__(self, name, gate=fork_gate):
+        self.name = name
         self._gate = gate
+        self._found = None
 
     @property
-    def name(self):
-        return self._logger.name
+    def _logger(self):
+        if self._found is None:
+            self._found = logging.getLogger(self.name)
+        return self._found
 
     def log(self, level, message, *args, **kwargs):
-        if self._logger.isEnabledFor(level):
+        logger = self._logger
+        if logger.isEnabledFor(level):
             with self._gate.call():
-                self._logger.log(level, message, *args, **kwargs)
+                logger.log(level, message, *args, **kwargs)
 
     def debug(self, message, *args, **kwargs):
         self.log(logging.DEBUG, message, *args, **kwargs)
@@ -46,7 +54,7 @@ class GatedLogger:
 
 
 def _part(name):
-    return GatedLogger(logging.getLogger(f'{ROOT}.{name}'))
+    return GatedLogger(f'{ROOT}.{name}')
 
 
 #: The protocol: plan, lock, run, wait (``runner.py``).

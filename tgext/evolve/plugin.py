@@ -3,6 +3,9 @@
 What runs in each process once the hooks fire (the runner thread, the gate state, fork
 handling) is the service's (:mod:`.service`); this module only connects it to TurboGears.
 """
+# Type hints for readers and checkers, never evaluated: that would cost every process start-up.
+from __future__ import annotations
+
 import weakref
 from typing import Any, Dict, Mapping, Optional
 

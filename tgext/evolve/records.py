@@ -67,7 +67,7 @@ class HistoryRecord(NamedTuple):
     Every field is a column (a document field) that storage version 1 already had: the
     history is what every process reads before it serves, also while a process of an older
     release holds the lock, so a field that a later storage version adds must be read apart,
-    by code that has upgraded the storage first (see ``backends.base.UPGRADES``).
+    by code that has upgraded the storage first (see ``backends.upgrades.UPGRADES``).
     """
     evolution_id: str
     state: str

@@ -17,7 +17,6 @@ import traceback
 
 from . import logs
 from .errors import ConfigurationError, EvolutionFailed, LeaseLost
-from .heartbeat import Heartbeat, ProgressSink
 from .planning import fingerprints, plan
 from .records import ADOPTED, DEFAULT_LOCK_NAME, FAILED
 from .state import (BLOCKED, EVOLVING, MISCONFIGURED, READY, SERVING_AFTER_FAILURE, UNREACHABLE,
@@ -297,6 +296,9 @@ class Runner:
     # --- holding the lock ----------------------------------------------------------------------
 
     def _run_locked(self, lease):
+        # Imported by the lock holder only: a process started on an evolved database, which
+        # only reads the history, never loads it.
+        from .heartbeat import Heartbeat
         heartbeat = Heartbeat(self.backend, lease, self.settings.heartbeat_interval)
         heartbeat.start()
         try:
@@ -353,6 +355,7 @@ class Runner:
         running = self.backend.record_running(heartbeat.lease, evolution_id, fingerprint)
         log.info('evolving %r (%s, attempt %d)', evolution_id, step.reason, running.attempts)
         evolution.config = self.config
+        from .heartbeat import ProgressSink
         evolution._progress_sink = ProgressSink(evolution_id, heartbeat, self.state,
                                                 self.listener)
         try:

@@ -5,6 +5,9 @@
 there with :func:`service_for_config`.  The service starts the runner thread, and restarts it
 in a process forked after the application was built.
 """
+# Type hints for readers and checkers, never evaluated: that would cost every process start-up.
+from __future__ import annotations
+
 import os
 import threading
 from typing import Optional

@@ -26,8 +26,12 @@ checked in the same atomic step as the write.  A fenced write that finds the loc
 The runner (``tgext.evolve.runner``) is the only caller during normal operation; the CLI uses
 the same methods.  Backends know nothing about HTTP, TurboGears requests or the runner's state.
 """
+# Annotations stay unevaluated: this module is loaded while the application is created, and
+# evaluating two dozen typing expressions there is start-up time spent for nothing.
+from __future__ import annotations
+
 import abc
-from typing import Callable, Iterable, Mapping, NamedTuple, Optional, Tuple
+from typing import Callable, Iterable, Mapping, Optional
 
 from ..records import DEFAULT_LOCK_NAME, HistoryRecord, Lease, LegacyState, LockRecord
 
@@ -38,35 +42,6 @@ SCHEMA_TABLE = 'tgext_evolve_schema'
 LEGACY_TABLE = 'tgext_evolve'
 #: The name of the storage version's record in :data:`SCHEMA_TABLE`.
 STORAGE_RECORD = 'storage'
-
-
-class StorageUpgrade(NamedTuple):
-    """One step of the stores' version, from ``version - 1`` to ``version``.
-
-    Additive only, so that processes of the previous release keep working on upgraded storage
-    (and new code can read old storage while an old process holds the lock): new stores, new
-    indexes, new NULLable columns (fields), never a rename, a drop or a NOT NULL.
-    """
-    version: int
-    description: str  # for the log line
-    new_stores: Tuple[str, ...] = ()  # tables / collections
-    new_columns: Tuple[Tuple[str, str], ...] = ()  # (store, column); Mongo: nothing to do
-
-
-#: Every step since version 1, in order: the one list.  Adding a step is appending it here and
-#: adding what it adds to the latest definitions (the tables of ``sql_schema.py``, the blank
-#: history document of ``ming.py``), which an empty database gets directly.
-UPGRADES = (
-    StorageUpgrade(2, 'the storage version, recorded in tgext_evolve_schema',
-                   new_stores=(SCHEMA_TABLE,)),
-)
-#: The version this release's code reads and writes.
-STORAGE_VERSION = UPGRADES[-1].version
-
-
-def upgrades_after(version: int) -> Tuple[StorageUpgrade, ...]:
-    """The steps that take storage of ``version`` to :data:`STORAGE_VERSION`, in order."""
-    return tuple(step for step in UPGRADES if step.version > version)
 
 
 class Backend(abc.ABC):
@@ -100,7 +75,8 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def upgrade_storage(self, lease: Lease) -> bool:
-        """Bring the stores to :data:`STORAGE_VERSION`, one step of :data:`UPGRADES` at a time.
+        """Bring the stores to ``STORAGE_VERSION``, one step of :data:`.upgrades.UPGRADES` at a
+        time.
 
         Only for the holder of the lock (fenced: LeaseLost if ``lease`` is stale), so that a
         step that alters a store never waits behind, nor blocks, an evolution's transaction.

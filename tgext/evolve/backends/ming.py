@@ -157,7 +157,8 @@ class MingBackend(base.Backend):
         return 1 if names & set(_KEY_FIELDS) else 0
 
     def upgrade_storage(self, lease: records.Lease) -> bool:
-        for step in base.upgrades_after(self.read_storage_version()):
+        from .upgrades import upgrades_after  # only the lock holder needs the steps
+        for step in upgrades_after(self.read_storage_version()):
             # New fields need nothing: a document without one reads as None, and new documents
             # get every field from _BLANK_HISTORY.
             self._create_stores(step.new_stores)

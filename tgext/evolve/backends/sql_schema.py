@@ -4,7 +4,7 @@ database clock as an SQL expression.
 Kept apart from :mod:`.sqlalchemy` so that building them (~4 ms of a process's start-up) is
 paid by the first statement that needs them: a process started on an evolved database only
 reads the history, with a textual query, and never loads this module.  A column added here by
-a later storage version also needs its step in ``base.UPGRADES``.
+a later storage version also needs its step in ``upgrades.UPGRADES``.
 """
 import sqlalchemy as sa
 from sqlalchemy.ext.compiler import compiles

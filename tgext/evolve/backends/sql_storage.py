@@ -1,7 +1,7 @@
 """Creating tgext.evolve's SQL tables, and upgrading them in place from an older storage version.
 
 Loaded, like :mod:`.sql_schema`, only by a process that has something to write.  The steps are
-``base.UPGRADES``; the tables they lead to are :mod:`.sql_schema`'s, whose columns give every
+``upgrades.UPGRADES``; the tables they lead to are :mod:`.sql_schema`'s, whose columns give every
 ALTER its type.  What differs per database (how long DDL may wait for a lock) is the dialect
 object's (:mod:`.sql_dialects`).
 """

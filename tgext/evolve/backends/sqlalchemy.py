@@ -9,6 +9,7 @@ application's session joined, and issues the fencing check and the ``applied`` h
 that session's connection, so all three commit or roll back together.
 """
 import contextlib
+import functools
 
 import sqlalchemy as sa
 import transaction
@@ -20,9 +21,7 @@ from ..errors import LeaseLost
 from .. import forking, logs
 from ..records import (APPLIED, DEFAULT_LOCK_NAME, DONE_STATES, FAILED, RUNNING, HistoryRecord,
                        Lease, LegacyState, LockRecord, require_done_state)
-from . import base
 from .base import HISTORY_TABLE, LEGACY_TABLE, LOCK_TABLE, Backend
-from .sql_dialects import impl_for
 
 log = logs.backend
 
@@ -69,13 +68,19 @@ class SQLAlchemyBackend(Backend):
 
     def __init__(self, engine, session=None):
         self.engine = engine
-        self._impl = impl_for(engine.dialect)
         self._owns_session = session is None
         if session is None:
             session = scoped_session(sessionmaker(bind=engine))
             zope.sqlalchemy.register(session)
         self.session = session
         forking.after_fork_in_child(self.dispose_after_fork)
+
+    @functools.cached_property
+    def _impl(self):
+        # Loaded at its first use (a write, an error): a process that only reads the history
+        # never needs it.
+        from .sql_dialects import impl_for
+        return impl_for(self.engine.dialect)
 
     # --- set-up --------------------------------------------------------------------------------
 
@@ -88,8 +93,8 @@ class SQLAlchemyBackend(Backend):
         return sql_storage.storage_version(self.engine)
 
     def upgrade_storage(self, lease):
-        from . import sql_storage
-        for step in base.upgrades_after(self.read_storage_version()):
+        from . import sql_storage, upgrades
+        for step in upgrades.upgrades_after(self.read_storage_version()):
             if not sql_storage.upgrade(self.engine, self._impl, step,
                                        lambda conn: self._fence(conn, lease), lease.owner):
                 return False
