@@ -14,14 +14,19 @@ import re
 import uuid
 import weakref
 
+import bson
 import conftest
+import ming
 import pytest
 import sqlalchemy as sa
 import transaction
 import zope.sqlalchemy
+from ming import schema as ming_schema
+from ming.odm import FieldProperty, MappedClass, ThreadLocalODMSession
 from sqlalchemy import orm
 from sqlalchemy.dialects import mysql
 
+from tgext.evolve.backends.ming_walker import MingWalker
 from tgext.evolve.backends.sql_walker import SQLWalker
 from tgext.evolve.backends.walker import KeyRange
 from tgext.evolve.errors import ConfigurationError
@@ -638,3 +643,262 @@ def test_a_batch_size_that_is_not_a_positive_int_is_a_programming_error(session,
         walker.next_batch(None, size)
     with pytest.raises(ValueError, match='positive int'):
         walker.split(size)
+
+
+# === Ming ======================================================================================
+
+walk_doc_session = ming.Session()
+WalkSession = ThreadLocalODMSession(walk_doc_session)
+
+
+def walked_class(name, collection, id_type):
+    """A mapped class of the app's kind: an ``_id`` of ``id_type``, a slug to fill, a counter."""
+    meta = type('__mongometa__', (), {'session': WalkSession, 'name': collection})
+    return type(name, (MappedClass,), {
+        '__mongometa__': meta, '_id': FieldProperty(id_type),
+        'slug': FieldProperty(str, if_missing=None), 'n': FieldProperty(int, if_missing=0)})
+
+
+WalkedPage = walked_class('WalkedPage', 'walk_pages', ming_schema.ObjectId)
+WalkedNumber = walked_class('WalkedNumber', 'walk_numbers', int)
+WalkedCode = walked_class('WalkedCode', 'walk_codes', str)
+MING_MODELS = {'objectid': WalkedPage, 'int': WalkedNumber, 'str': WalkedCode}
+
+
+def mongo_id(kind, i):
+    if kind == 'objectid':
+        # Distinct, and not in insertion order: random timestamps and counters.
+        return bson.ObjectId(random.Random(i).getrandbits(96).to_bytes(12, 'big'))
+    if kind == 'int':
+        return (i * 7919) % 100003
+    return f'code-{(i * 7919) % 100003:06d}'
+
+
+class MongoDatabase:
+    def __init__(self, url):
+        self.datastore = ming.create_datastore(url)
+        walk_doc_session.bind = self.datastore
+        self.session = WalkSession
+        self.session.close()
+        self.db = self.datastore.db
+
+    def fill(self, model, ids, filled=lambda i: False):
+        docs = [{'_id': _id, 'slug': 'old' if filled(i) else None, 'n': 0}
+                for i, _id in enumerate(ids)]
+        random.Random(7).shuffle(docs)
+        if docs:
+            self.raw(model).insert_many(docs)
+
+    def raw(self, model):
+        return self.db[model.__mongometa__.name]
+
+    def ids_in_order(self, model, filter_=None):
+        return [doc['_id'] for doc in self.raw(model).find(filter_ or {}, sort=[('_id', 1)])]
+
+    def close(self):
+        ThreadLocalODMSession.close_all()
+        walk_doc_session.bind = None
+        if not isinstance(self.db, ming.mim.Database):
+            self.datastore.conn.close()
+
+
+@pytest.fixture
+def mongodb(mongo_url):
+    database = MongoDatabase(mongo_url)
+    try:
+        yield database
+    finally:
+        database.close()
+
+
+def ming_collection(form, model):
+    if form == 'cursor':
+        return model.query.find({'slug': None})
+    if form == 'sorted cursor':
+        return model.query.find({'slug': None}).sort('n', -1)
+    if form == 'class and filter':
+        return (model, {'slug': None})
+    return model
+
+
+def flush_and_clear():
+    """The caller's part after each batch on Ming."""
+    WalkSession.flush()
+    WalkSession.close()
+
+
+def ids_of(batches):
+    return [doc._id for doc in flat(batches)]
+
+
+@pytest.mark.parametrize('form', ['cursor', 'sorted cursor', 'class and filter', 'class'])
+@pytest.mark.parametrize('kind', list(MING_MODELS))
+def test_a_ming_walk_visits_every_document_once_in_id_order(mongodb, kind, form):
+    model = MING_MODELS[kind]
+    mongodb.fill(model, [mongo_id(kind, i) for i in range(40)], filled=lambda i: i % 4 == 0)
+    walker = MingWalker(EVOLUTION, ming_collection(form, model), WalkSession)
+
+    batches, _ = walk(walker, 6, after_batch=lambda items: flush_and_clear())
+
+    wanted = None if form == 'class' else {'slug': None}
+    assert ids_of(batches) == mongodb.ids_in_order(model, wanted)
+    assert all(isinstance(doc, model) for doc in flat(batches))
+    assert walker.count() == (40 if form == 'class' else 30)
+
+
+def test_a_ming_filter_on_id_itself_is_kept_with_the_walk_bound(mongodb):
+    ids = [mongo_id('int', i) for i in range(30)]
+    mongodb.fill(WalkedNumber, ids)
+    chosen = sorted(ids)[3:25:2]
+    walker = MingWalker(EVOLUTION, WalkedNumber.query.find({'_id': {'$in': chosen}}),
+                        WalkSession)
+    batches, _ = walk(walker, 4)
+    assert ids_of(batches) == chosen
+
+
+def test_setting_the_filtered_field_neither_skips_nor_repeats_a_document(mongodb):
+    mongodb.fill(WalkedPage, [mongo_id('objectid', i) for i in range(45)],
+                 filled=lambda i: i % 5 == 0)
+    walker = MingWalker(EVOLUTION, WalkedPage.query.find({'slug': None}), WalkSession)
+
+    def process(items):
+        for page in items:
+            page.slug = 'new'
+            page.n += 1
+        flush_and_clear()
+
+    batches, _ = walk(walker, 4, after_batch=process)
+
+    assert len(flat(batches)) == 36
+    assert sorted(d['n'] for d in mongodb.raw(WalkedPage).find()) == [0] * 9 + [1] * 36
+
+
+@pytest.mark.parametrize('kind', list(MING_MODELS))
+def test_a_ming_walk_resumed_from_a_stored_cursor_continues_right_after_it(mongodb, kind):
+    model = MING_MODELS[kind]
+    mongodb.fill(model, [mongo_id(kind, i) for i in range(25)])
+    expected = mongodb.ids_in_order(model)
+    first = MingWalker(EVOLUTION, model, WalkSession).next_batch(None, 9)
+    stored = json.dumps(first.cursor)
+    flush_and_clear()
+
+    rest, _ = walk(MingWalker(EVOLUTION, model.query.find(), WalkSession), 4, json.loads(stored))
+
+    assert [doc._id for doc in first.items] + ids_of(rest) == expected
+
+
+@pytest.mark.parametrize('kind', list(MING_MODELS))
+def test_ming_upper_bounds_are_inclusive(mongodb, kind):
+    model = MING_MODELS[kind]
+    mongodb.fill(model, [mongo_id(kind, i) for i in range(20)])
+    expected = mongodb.ids_in_order(model)
+    walker = MingWalker(EVOLUTION, model, WalkSession)
+    fifth = walker.next_batch(None, 5).cursor
+    twelfth = walker.next_batch(None, 12).cursor
+
+    assert ids_of(walk(walker, 3, upper=fifth)[0]) == expected[:5]
+    assert ids_of(walk(walker, 3, fifth, twelfth)[0]) == expected[5:12]
+
+
+@pytest.mark.parametrize('kind', ['objectid', 'int'])
+def test_ming_split_ranges_share_out_every_document_once(mongodb, kind):
+    model = MING_MODELS[kind]
+    mongodb.fill(model, [mongo_id(kind, i) for i in range(60)], filled=lambda i: i % 6 == 1)
+    expected = mongodb.ids_in_order(model, {'slug': None})
+    walker = MingWalker(EVOLUTION, model.query.find({'slug': None}), WalkSession)
+    for n in (1, 2, 5, 50, 500):
+        ranges = walker.split(n)
+        assert_partition(ranges)
+        assert 1 <= len(ranges) <= n
+        parts = [ids_of(walk(walker, 7, r.after, r.upto)[0]) for r in ranges]
+        assert sum(parts, []) == expected, n
+
+
+@pytest.mark.parametrize('kind', ['objectid', 'int'])
+def test_ming_split_of_empty_single_and_gapped_collections(mongodb, kind):
+    model = MING_MODELS[kind]
+    walker = MingWalker(EVOLUTION, model, WalkSession)
+    assert walker.split(3) == [KeyRange(None, None)]
+    if kind == 'int':
+        ids = [7, -2 ** 40, 3, 2 ** 62]
+    else:
+        ids = [bson.ObjectId(b'\x00' * 11 + b'\x07'), bson.ObjectId(b'\x7f' * 12),
+               bson.ObjectId(b'\xff' * 12), bson.ObjectId(b'\x00' * 11 + b'\x09')]
+    mongodb.fill(model, ids[:1])
+    assert MingWalker(EVOLUTION, model, WalkSession).split(3) == [KeyRange(None, None)]
+    mongodb.fill(model, ids[1:])
+    ranges = MingWalker(EVOLUTION, model, WalkSession).split(4)
+    assert_partition(ranges)
+    assert sum([ids_of(walk(walker, 2, r.after, r.upto)[0]) for r in ranges], []) == sorted(ids)
+
+
+def test_ming_split_refuses_string_ids_saying_why(mongodb):
+    mongodb.fill(WalkedCode, ['a', 'b', 'c'])
+    with pytest.raises(ConfigurationError) as error:
+        MingWalker(EVOLUTION, WalkedCode, WalkSession).split(2)
+    assert f"evolution '{EVOLUTION}'" in str(error.value)
+    assert 'ObjectId and integer _ids only' in str(error.value)
+    assert "_ids are str" in str(error.value)
+
+
+def test_a_collection_mixing_id_types_is_refused_when_the_walker_is_created(mongodb):
+    mongodb.raw(WalkedCode).insert_many([{'_id': 'a'}, {'_id': 5}, {'_id': 'c'}])
+    with pytest.raises(ConfigurationError) as error:
+        MingWalker(EVOLUTION, WalkedCode, WalkSession)
+    assert f"evolution '{EVOLUTION}'" in str(error.value)
+    assert 'mixes _id types (int 5 ... str ' in str(error.value)
+    # Numbers compare with numbers in MongoDB: ints and floats together are one type.
+    mongodb.raw(WalkedNumber).insert_many([{'_id': 1}, {'_id': 2.5}, {'_id': 4}])
+    MingWalker(EVOLUTION, WalkedNumber, WalkSession)
+
+
+def test_document_ids_are_refused_when_the_walker_is_created(mongodb, mongo_url):
+    if mongo_url.startswith('mim:'):
+        pytest.skip('MIM cannot store documents as _id (unhashable dict)')
+    mongodb.raw(WalkedCode).insert_many([{'_id': {'a': 1, 'b': 2}}, {'_id': {'a': 2, 'b': 1}}])
+    with pytest.raises(ConfigurationError, match='cannot be stored in a cursor'):
+        MingWalker(EVOLUTION, WalkedCode, WalkSession)
+
+
+def live_documents_per_batch(mongodb, count, size):
+    """Walk ``count`` documents flushing and clearing the session after each batch, as the
+    runner does; return how many WalkedPage objects are alive after each batch."""
+    mongodb.fill(WalkedPage, [mongo_id('objectid', i) for i in range(count)])
+    walker = MingWalker(EVOLUTION, WalkedPage.query.find({'slug': None}), WalkSession)
+    counts = []
+    cursor = None
+    while True:
+        items, cursor = walker.next_batch(cursor, size)
+        if not items:
+            return counts
+        for page in items:
+            page.slug = 'new'
+        flush_and_clear()
+        gc.collect()
+        counts.append(sum(isinstance(o, WalkedPage) for o in gc.get_objects()))
+        del items, page
+
+
+def test_a_ming_walk_keeps_at_most_one_batch_of_documents_alive(mongodb):
+    counts = live_documents_per_batch(mongodb, 300, 25)
+    assert len(counts) == 12
+    assert max(counts) <= 25  # the batch just processed, still referenced by the loop
+    assert sorted({d['slug'] for d in mongodb.raw(WalkedPage).find()}) == ['new']
+
+
+@pytest.mark.parametrize('make, problem', [
+    (lambda: WalkedPage.query.find({}).limit(10), 'query with limit, which a walk by _id'),
+    (lambda: WalkedPage.query.find({}).skip(10), 'query with skip'),
+    (lambda: WalkedPage.query.find({}, projection=['slug']), 'query with a projection'),
+    (lambda: WalkedPage.query.find({}, decorate=lambda page: page), 'with decorate'),
+    (lambda: WalkedPage.query.find({}, validate=False), 'made with validate=False'),
+    (lambda: (WalkedPage, 'slug'), "the second item must be a filter dict"),
+    (lambda: (dict, {}), 'is not a Ming mapped class'),
+    (lambda: [WalkedPage], 'must return a Ming query (Page.query.find(filter)), a mapped class'),
+    (lambda: None, 'must return a Ming query'),
+], ids=lambda value: value if isinstance(value, str) else '')
+def test_a_ming_collection_that_cannot_be_walked_is_refused(mongodb, make, problem):
+    with pytest.raises(ConfigurationError) as error:
+        MingWalker(EVOLUTION, make(), WalkSession)
+    assert str(error.value).startswith(f"evolution '{EVOLUTION}': ")
+    assert problem in str(error.value)
