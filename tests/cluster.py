@@ -117,10 +117,11 @@ class Cluster:
     """Processes of one application on one database, sharing a working directory.
 
     ``url`` is what the processes connect to; ``db_url`` is how the test reads the database
-    (they differ when the processes go through a :class:`PortForwarder`).
+    (they differ when the processes go through a :class:`PortForwarder` or a pgbouncer).
+    ``blueprint`` adds TurboGears settings to the application's (``sqlalchemy.connect_args``).
     """
 
-    def __init__(self, url, workdir, evolutions, options=None, db_url=None):
+    def __init__(self, url, workdir, evolutions, options=None, db_url=None, blueprint=None):
         self.url = url
         self.db_url = db_url or url
         self.workdir = pathlib.Path(workdir)
@@ -128,6 +129,7 @@ class Cluster:
         self.evolutions = evolutions
         self.evolution_ids = [e['id'] for e in evolutions]
         self.options = dict(options or {})
+        self.blueprint = dict(blueprint or {})
         self.processes = []
         self._batches = 0
         self._engine = None
@@ -142,7 +144,8 @@ class Cluster:
 
     def job(self, name, **extra):
         return {'url': self.url, 'dir': str(self.workdir), 'name': name,
-                'evolutions': self.evolutions, 'options': self.options, **extra}
+                'evolutions': self.evolutions, 'options': self.options,
+                'blueprint': self.blueprint, **extra}
 
     def start(self, count, together=True, prefix='p'):
         """Start ``count`` processes; with ``together`` they build their apps at the same

@@ -23,6 +23,11 @@ Fixtures
     ``mim_database_url``, ``mongodb_database_url``
         session-scoped: the URL of this run's database (not cleaned; for code that starts
         TurboGears apps in subprocesses and needs a URL string).
+    ``pgbouncer``
+        session-scoped: a real pgbouncer (``pool_mode = transaction``) in front of this run's
+        PostgreSQL database, started by the tests (see ``tests/pgbouncer.py``); its ``url``
+        is the database's URL through it.  Skipped with the other PostgreSQL tests; with the
+        PostgreSQL URL set, a pgbouncer that is not installed is a FAILURE.
     ``sql_url``
         function-scoped, parametrised over sqlite/postgresql/mysql: this run's database URL,
         emptied before the test.
@@ -185,6 +190,19 @@ def postgresql_database_url():
     with admin.connect() as conn:
         conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     admin.dispose()
+
+
+@pytest.fixture(scope='session')
+def pgbouncer(postgresql_database_url):
+    """pgbouncer in transaction mode in front of this run's PostgreSQL database, stopped at the
+    end of the run."""
+    import pgbouncer as pgbouncer_process
+    if pgbouncer_process.executable() is None:
+        pytest.fail(f'{ENV_VARS["postgresql"]} is set but pgbouncer is not installed: '
+                    f'{pgbouncer_process.INSTALL_HINT}', pytrace=False)
+    bouncer = pgbouncer_process.started(postgresql_database_url)
+    yield bouncer
+    bouncer.stop()
 
 
 @pytest.fixture(scope='session')

@@ -634,3 +634,68 @@ def _forked_workers(url, workdir, start_server, workers, title, restarts):
                         observed={f'worker {pid}': served.get(pid) for pid in pids},
                         recovered_in=recovered_in, failures=failures,
                         measures={'worker_pids': sorted(pids), 'restarted': restarted})
+
+
+# --- issue 12: many evolutions through pgbouncer in transaction mode --------------------------
+
+def error_summary(traceback_text):
+    """The exception line of a recorded traceback (SQLAlchemy adds the SQL and a link after
+    it)."""
+    lines = [line for line in (traceback_text or '').splitlines()
+             if line and not line[0].isspace() and not line.startswith(('[', '(', 'Traceback'))]
+    return lines[-1][:300] if lines else repr(traceback_text)
+
+
+def through_pgbouncer(bouncer, url, workdir, count, evolution_count, write, blueprint=None):
+    """``count`` processes reach the database at ``url`` through ``bouncer`` (a pgbouncer in
+    transaction mode, :mod:`pgbouncer`) and run ``evolution_count`` evolutions; the first holds
+    until every process observed a 503, so each must show exactly 503 then 200.
+
+    With ``write``, each evolution writes one row through ``DBSession`` (exactly once is
+    counted in committed rows).  Without, its only statements are tgext.evolve's own (lock,
+    history, fencing, polling): exactly once is counted in runs of ``evolve()`` and attempts.
+    ``blueprint`` is the application's own settings (``sqlalchemy.connect_args``).
+
+    Measures ``connections``: pgbouncer's clients and server connections of the database
+    while every process waits, to show the processes shared a few server connections.  An
+    evolution recorded failed ends the wait (``on_failure = block``: the cluster would answer
+    503 until the deadline).
+    """
+    ids = [f'e{n:02}' for n in range(1, evolution_count + 1)]
+    steps = ['write'] if write else []
+    evolutions = [{'id': evolution_id, 'steps': steps + (['hold'] if n == 0 else [])}
+                  for n, evolution_id in enumerate(ids)]
+    with Cluster(bouncer.url, workdir, evolutions, CALM_OPTIONS, db_url=url,
+                 blueprint=blueprint) as c:
+        c.prepare_database()
+        processes = c.start(count)
+        c.wait_all_observed(503)
+        connections = bouncer.connections()
+        c.release(ids[0])
+
+        def settled():
+            c.check_alive(processes)
+            return (all(p.serving for p in processes)
+                    or any(record.state == FAILED for record in c.history().values()))
+
+        wait_until(settled, f'{count} processes serving or an evolution failed')
+        runs = {evolution_id: len(c.entered(evolution_id)) for evolution_id in ids}
+        history = c.history()
+        failures = [f'{p.name} observed {p.observed}' for p in processes
+                    if p.observed != [503, 200]]
+        for evolution_id in ids:
+            record = history.get(evolution_id)
+            if record is not None and record.state == FAILED:
+                failures.append(f'{evolution_id} failed: {error_summary(record.error)}')
+            elif not write and (record is None or record.state != APPLIED):
+                failures.append(f'{evolution_id} is {record.state if record else "not recorded"}')
+            elif record is not None and record.attempts != 1:
+                failures.append(f'{evolution_id} took {record.attempts} attempts')
+        failures += [f'{evolution_id} ran {n} times' for evolution_id, n in runs.items()
+                     if n != 1]
+        outcome = _outcome(c, f'{count} processes, {evolution_count} evolutions through '
+                              f'pgbouncer ({bouncer.pool_mode} pooling)', processes,
+                           applied_once=ids if write else [], failures=failures,
+                           measures={'runs': runs, 'connections': connections})
+        outcome.failures += _troubled(outcome.processes)
+        return outcome

@@ -24,6 +24,9 @@ registered with zope.sqlalchemy), built from the job:
     raises ``RuntimeError``.
 ``options``
     ``plugme`` options (``lease``, ``poll_interval``, ``on_failure``...).
+``blueprint``
+    optional TurboGears settings added to the application's, as ``app_cfg.py`` would
+    (``{"sqlalchemy.connect_args": {"prepare_threshold": null}}``).
 ``go``
     optional file name: the process imports everything, writes ``<name>.ready``, then waits
     until ``go`` exists before building the app, so that many processes start at once.
@@ -247,7 +250,7 @@ def build_app(job, connections):
         'root_controller': RootController(), 'use_sqlalchemy': True, 'model': model,
         'sqlalchemy.url': job['url'], 'session.enabled': False, 'cache.enabled': False,
         'i18n.enabled': False, 'sa_auth.enabled': False, 'trace_errors.enable': False,
-        'debug': False,
+        'debug': False, **job.get('blueprint', {}),
     })
     tgext.evolve.plugme(configurator, dict(job.get('options', {}), evolutions=evolutions))
     return configurator.make_wsgi_app({}, {})

@@ -22,6 +22,7 @@ from .. import forking, logs
 from ..records import (APPLIED, DEFAULT_LOCK_NAME, DONE_STATES, FAILED, RUNNING, HistoryRecord,
                        Lease, LegacyState, LockRecord, require_done_state)
 from .base import HISTORY_TABLE, LEGACY_TABLE, LOCK_TABLE, Backend
+from .sql_unprepared import unprepared, unprepared_engine
 
 log = logs.backend
 
@@ -60,14 +61,16 @@ class SQLAlchemyBackend(Backend):
     """Lock and history in two tables of the application's database.
 
     ``engine`` is the application's engine (the master in a master/replica set-up): every
-    lock, plan and history statement goes there.  ``session`` is the application's session
-    factory (``model.DBSession``); evolutions run their work through it.
+    lock, plan and history statement goes there, never as a server-side prepared statement
+    (:mod:`.sql_unprepared`).  ``session`` is the application's session factory
+    (``model.DBSession``); evolutions run their work through it.
     """
 
     atomic_apply = True
 
     def __init__(self, engine, session=None):
-        self.engine = engine
+        self._session_engine = engine  # the one the session knows: apply() joins its transaction
+        self.engine = unprepared_engine(engine)
         self._owns_session = session is None
         if session is None:
             session = scoped_session(sessionmaker(bind=engine))
@@ -320,16 +323,17 @@ class SQLAlchemyBackend(Backend):
         manager.begin()
         try:
             session = self.session()
-            conn = session.connection(bind_arguments={'bind': self.engine})
+            conn = session.connection(bind_arguments={'bind': self._session_engine})
             with _reading_from_master(session), self._impl.transaction_from_first_statement(conn):
                 work()
             session.flush()
             # On the session's own connection to our engine: the same database transaction
             # as the work, even when the session also talks to other engines.
-            conn = session.connection(bind_arguments={'bind': self.engine})
-            self._fence(conn, lease)
-            record = self._record_finished(conn, lease, evolution_id, APPLIED, error=None,
-                                           fingerprint=fingerprint)
+            conn = session.connection(bind_arguments={'bind': self._session_engine})
+            with unprepared(conn):
+                self._fence(conn, lease)
+                record = self._record_finished(conn, lease, evolution_id, APPLIED, error=None,
+                                               fingerprint=fingerprint)
             # Joins the session to the transaction if the app never registered it with
             # zope.sqlalchemy, and stops zope.sqlalchemy from rolling back a session that
             # only executed statements.
