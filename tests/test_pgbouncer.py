@@ -15,7 +15,6 @@ The processes are ``tests/procapp.py``, as in ``test_processes.py``; pgbouncer i
 import pytest
 import sqlalchemy as sa
 import zope.sqlalchemy
-from sqlalchemy import exc as sa_exc
 from sqlalchemy import orm
 
 import conftest
@@ -69,8 +68,7 @@ def test_own_statements_are_never_prepared_and_the_apps_setting_is_kept(
     zope.sqlalchemy.register(session)
     backend = SQLAlchemyBackend(engine, session)
     try:
-        with pytest.raises(sa_exc.ProgrammingError):
-            backend.read_history()  # a statement of ours that fails: no tables yet
+        assert backend.read_history() == {}  # ours, failing inside: no tables yet
         backend.ensure_storage()
         lease = backend.acquire('tester', 60)
         for _ in range(REPEATS):

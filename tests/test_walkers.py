@@ -647,8 +647,10 @@ def test_a_batch_size_that_is_not_a_positive_int_is_a_programming_error(session,
 
 # === Ming ======================================================================================
 
-walk_doc_session = ming.Session()
-WalkSession = ThreadLocalODMSession(walk_doc_session)
+# The application's one thread-local session, shared with conftest: a second, unbound
+# ThreadLocalODMSession would be flushed (and fail) by every ThreadLocalODMSession.flush_all().
+walk_doc_session = conftest.ming_doc_session
+WalkSession = conftest.MingDBSession
 
 
 def walked_class(name, collection, id_type):
