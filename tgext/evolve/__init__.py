@@ -6,8 +6,9 @@ from .alembic_upgrade import AlembicUpgrade
 from .errors import ConfigurationError, EvolutionFailed, EvolveError, LeaseLost
 from .evolution import Evolution
 from .plugin import plugme
+from .status_page import EvolveStatusController
 
 __version__ = '1.0.0.dev0'
 
-__all__ = ['plugme', 'Evolution', 'AlembicUpgrade', 'EvolveError', 'ConfigurationError',
-           'LeaseLost', 'EvolutionFailed', '__version__']
+__all__ = ['plugme', 'Evolution', 'AlembicUpgrade', 'EvolveStatusController', 'EvolveError',
+           'ConfigurationError', 'LeaseLost', 'EvolutionFailed', '__version__']

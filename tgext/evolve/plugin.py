@@ -117,6 +117,8 @@ class _Registration:
         service = conf.get(SERVICE_KEY)
         self._new_service = service
         if service is not None:
+            from .status_page import mount_prefixes  # it imports this module
+            service.state.passthrough = mount_prefixes(conf)
             service.start()
 
     def on_middlewares(self, app):
