@@ -75,8 +75,9 @@ class GateDecision:
             return True
         # The status page: it checks its own predicate, and answers the others with
         # response() below.  '/evolve' + '/' matches '/evolve/', '/evolvefoo/' does not.
-        passthrough = state.passthrough
-        return bool(passthrough) and (environ.get('PATH_INFO', '') + '/').startswith(passthrough)
+        if state.passthrough:
+            return (environ.get('PATH_INFO', '') + '/').startswith(state.passthrough)
+        return False
 
     def body(self, environ):
         if wants_json(environ):
