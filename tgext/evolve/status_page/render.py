@@ -123,9 +123,9 @@ def _evolution(number, entry, forms, tracebacks):
 <td><span class="state" data-field="state">{_e(entry["state"])}</span></td>
 <td data-field="attempts">{entry["attempts"]}</td>
 <td class="owner" data-field="owner">{_e(entry["owner"] or DASH)}</td>
-<td data-field="started_at">{when(entry["started_at"])}</td>
-<td data-field="finished_at">{when(entry["finished_at"])}</td>
-<td data-field="duration_ms">{duration_text(entry["duration_ms"])}</td>
+<td class="time" data-field="started_at">{when(entry["started_at"])}</td>
+<td class="time" data-field="finished_at">{when(entry["finished_at"])}</td>
+<td class="time" data-field="duration_ms">{duration_text(entry["duration_ms"])}</td>
 <td><div class="progress" data-field="progress"{"" if progress else " hidden"}>
 <div class="bar"><span style="width:{width}%"></span></div>
 <span class="progress-text">{_e(progress_text(progress)) if progress else ""}</span></div></td>
