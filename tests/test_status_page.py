@@ -209,7 +209,7 @@ def test_the_page_shows_each_evolution_in_run_order_the_lock_and_the_history(pag
     app, parked = closed_app(page_apps, sql_url)
     operator = sign_in(webtest.TestApp(app.wsgi_app), OPERATOR)
     page = operator.get('/evolve/')
-    assert page.headers['Cache-Control'] == 'no-store'
+    assert (page.headers['Cache-Control'], page.headers['X-Frame-Options']) == ('no-store', 'DENY')
     rows = re.findall(r'<tbody class="evolution state-(\w+)" data-id="(\w+)">', page.text)
     assert rows == [('applied', 'seed'), ('running', 'backfill')]
     owner = app.history()['backfill'].owner
@@ -237,6 +237,21 @@ def test_status_json_is_the_document_gearbox_evolve_status_prints(page_apps, sql
     assert (backfill['state'], backfill['running_now'], backfill['progress']) == (
         'running', True, {'done': 3, 'total': 10, 'percent': 30.0, 'rate': None,
                           'eta_seconds': None})
+
+
+@SQLITE
+def test_with_tgext_evolve_disabled_the_page_says_so(page_apps, sql_url):
+    model = page_apps.tg_apps.model(('sqlite', sql_url))
+    app = page_apps.build(model, [NoteEvolution('seed', model)],
+                          app_conf={'tgext.evolve.enabled': 'false'})
+    operator = sign_in(webtest.TestApp(app.wsgi_app), OPERATOR)
+    page = operator.get('/evolve/', expect_errors=True)
+    assert page.status_int == 503
+    assert 'tgext.evolve does not run in this application (tgext.evolve.enabled = false' in \
+        said(page)
+    assert operator.get('/evolve/status.json', expect_errors=True).json == {
+        'error': 'tgext.evolve does not run in this application (tgext.evolve.enabled = '
+                 'false, or it is not plugged in)'}
 
 
 # --- the retry button and its token ----------------------------------------------------------------
@@ -342,29 +357,67 @@ def test_unknown_ids_actions_and_evolutions_that_are_not_failed_get_a_clear_mess
 
 # --- layout ------------------------------------------------------------------------------------------
 
-LAYOUT = '''<!DOCTYPE html><html><head><title>${title} | Example Site</title></head>
-<body><nav id="site-nav">Example Site</nav><main>${content}</main>
+#: A site's templates, per renderer: the page's own template puts ``content`` in the layout.
+LAYOUTS = {
+    # Kajiki, as a quickstarted project writes its pages: extend the master, fill its blocks.
+    'kajiki': {
+        'master.xhtml': '''<!DOCTYPE html>
+<html>
+<head>
+  <meta charset="${response.charset}" />
+  <title py:block="master_title">Example Site</title>
+  <py:block name="head"></py:block>
+</head>
+<body>
+  <nav id="site-nav"><a href="${tg.url('/')}">Example Site</a>
+    <a py:if="request.identity" href="${tg.url('/logout_handler')}">Log out</a></nav>
+  <main class="container"><py:block name="body"></py:block></main>
+  <footer>${len(status['evolutions']) if defined('status') and status else 0} evolutions</footer>
+</body>
+</html>
+''',
+        'evolve_status.xhtml': '''<html py:extends="kajiki_site.master" py:strip="True">
+  <head py:block="head" py:strip="True">
+    <title py:block="master_title">${title} | Example Site</title>
+  </head>
+  <body py:block="body" py:strip="True">${content}</body>
+</html>
+''',
+    },
+    'mako': {
+        'evolve_status.mak': '''<!DOCTYPE html><html><head><meta charset="${response.charset}" />
+<title>${title} | Example Site</title></head>
+<body><nav id="site-nav"><a href="${tg.url('/')}">Example Site</a></nav>
+<main class="container">${content}</main>
 <footer>${len(status['evolutions']) if status else 0} evolutions</footer></body></html>
-'''
+''',
+    },
+}
 
 
 @SQLITE
+@pytest.mark.parametrize('engine', sorted(LAYOUTS))
 def test_the_page_renders_inside_the_applications_layout_template(
-        page_apps, sql_url, tmp_path, monkeypatch):
-    templates = tmp_path / 'site_templates'
+        page_apps, sql_url, tmp_path, monkeypatch, engine):
+    templates = tmp_path / f'{engine}_site'  # a package name of its own: imports are cached
     templates.mkdir()
     (templates / '__init__.py').write_text('')
-    (templates / 'evolve_status.mak').write_text(LAYOUT)
+    for name, text in LAYOUTS[engine].items():
+        (templates / name).write_text(text)
     monkeypatch.syspath_prepend(str(tmp_path))
-    options = {'template': 'mako:site_templates.evolve_status', 'title': 'Upgrades'}
-    app, parked = closed_app(page_apps, sql_url, page_options=options,
-                             blueprint={'renderers': ['json', 'mako']})
+    model = page_apps.tg_apps.model(('sqlite', sql_url))
+    options = {'template': f'{engine}:{engine}_site.evolve_status', 'title': 'Upgrades'}
+    app = page_apps.build(model, [NoteEvolution('seed', model), NoteEvolution('slugs', model)],
+                          page_options=options, blueprint={'renderers': ['json', engine]})
+    app.wait_until_serving()
     page = sign_in(webtest.TestApp(app.wsgi_app), OPERATOR).get('/evolve/')
-    assert '<title>Upgrades | Example Site</title>' in page.text
-    assert '<nav id="site-nav">Example Site</nav><main><div id="tgext-evolve"' in page.text
-    assert '<footer>2 evolutions</footer>' in page.text
-    assert 'data-id="backfill"' in page.text and '<style>' in page.text
-    assert '&lt;div id="tgext-evolve"' not in page.text  # content is markup, not escaped text
+    text = ' '.join(page.text.split())
+    assert '<meta charset="utf-8"' in text and '<title>Upgrades | Example Site</title>' in text
+    assert re.search(r'<nav id="site-nav">.*</nav> <main class="container"> ?<div id="tgext-evolve"',
+                     text)
+    assert '<footer>2 evolutions</footer>' in text
+    assert 'data-id="slugs"' in text and '<style>' in text and 'setTimeout(poll' in text
+    assert '&lt;div id="tgext-evolve"' not in text  # the content is markup, not escaped text
 
 
 @SQLITE

@@ -109,6 +109,7 @@ def _json(document, status=200):
 def _private(response):
     response.headers['Cache-Control'] = 'no-store'
     response.headers['X-Content-Type-Options'] = 'nosniff'
+    response.headers['X-Frame-Options'] = 'DENY'  # no clicking its buttons through a frame
     return response
 
 
@@ -331,6 +332,8 @@ class EvolveStatusController(TGController):
             body = render.standalone(self.title, content)
         else:
             engine, name = self.template
+            # What the layout may read (a quickstarted master shows response.charset).
+            tg.response.headers['Content-Type'] = 'text/html; charset=utf-8'
             body = str(tg.render_template(
                 {'title': self.title, 'content': Markup(content), 'status': document},
                 engine, name))
