@@ -130,13 +130,15 @@ def blocking_evolution(finish_file, started_file, reports_progress=False):
 
 # --- the application ---------------------------------------------------------------------------
 
-def make_configurator(url, plugged, options, workdir, page='hello', reports_progress=False):
+def make_configurator(url, plugged, options, workdir, page='hello', reports_progress=False,
+                      status_page=False):
     """The configurator of a hello-world TG app on ``url``; with tgext.evolve when ``plugged``.
 
     The two variants differ only by the ``plugme`` call (and the import it needs).  ``page``
     is what ``/`` does: ``hello`` returns a string, ``query`` also reads the database once
     (``SELECT 1`` through the app's session), as most real pages do.  ``reports_progress``:
-    see :func:`blocking_evolution`.
+    see :func:`blocking_evolution`.  ``status_page``: the root also mounts tgext.evolve's
+    status page at ``/evolve`` (requests still go to ``/``).
     """
     milestones._reset_all()  # before defining the controller: see tg-ecosystem.md 1.3
     session = scoped_session(sessionmaker())
@@ -149,6 +151,11 @@ def make_configurator(url, plugged, options, workdir, page='hello', reports_prog
             if reads_database:
                 session.execute(sa.text('SELECT 1')).scalar()
             return 'Hello World'
+
+    if status_page:
+        from tg import predicates
+        from tgext.evolve import EvolveStatusController
+        RootController.evolve = EvolveStatusController(allow_only=predicates.not_anonymous())
 
     class Model:
         DBSession = session
@@ -186,7 +193,8 @@ def make_app(configurator):
 def job_configurator(job):
     """The configurator a job describes: see :func:`make_configurator`."""
     return make_configurator(job['url'], job['plugged'], job.get('options', {}), job['dir'],
-                             job.get('page', 'hello'), job.get('reports_progress', False))
+                             job.get('page', 'hello'), job.get('reports_progress', False),
+                             job.get('status_page', False))
 
 
 def build_app(job):

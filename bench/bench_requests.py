@@ -5,7 +5,9 @@ Three fresh processes per database, each calling a TG hello-world app through it
 * ``bare``: the app without tgext.evolve;
 * ``evolving``: the same app with tgext.evolve, while its own runner holds the lock and runs an
   evolution (every request gets the gate's 503);
-* ``ready``: the same app with tgext.evolve on the evolved database.
+* ``ready``: the same app with tgext.evolve on the evolved database;
+* ``evolving+page`` and ``ready+page``: the same two with the status page mounted at
+  ``/evolve`` (the gate then also lets that path through while closed; requests go to ``/``).
 
 Per request, after a warm-up, in the request thread: Python opcodes (``sys.settrace`` with
 ``f_trace_opcodes``, ``PYTHONHASHSEED=0``; deterministic), CPU time (for information) and SQL
@@ -25,9 +27,10 @@ PASS_THROUGH_TARGET = 1.005
 COST_OF_503_TARGET = 0.1
 
 
-def _job(url, workdir, plugged, state=None):
+def _job(url, workdir, plugged, state=None, status_page=False):
     return dict(mode='opcodes', url=url, dir=workdir, plugged=plugged, state=state,
-                warmup=WARMUP, requests=TRACED, cpu_requests=CPU_REQUESTS)
+                warmup=WARMUP, requests=TRACED, cpu_requests=CPU_REQUESTS,
+                status_page=status_page)
 
 
 def _describe(name, measured):
@@ -46,7 +49,11 @@ def run(kind):
         evolving = _harness.measure(_job(url, workdir, True, state='evolving'))
         bare = _harness.measure(_job(url, workdir, False))
         ready = _harness.measure(_job(url, workdir, True))
-    for name, measured in (('bare', bare), ('ready', ready), ('evolving', evolving)):
+    with _harness.scenario(kind) as (url, workdir):
+        evolving_page = _harness.measure(_job(url, workdir, True, 'evolving', status_page=True))
+        ready_page = _harness.measure(_job(url, workdir, True, status_page=True))
+    for name, measured in (('bare', bare), ('ready', ready), ('evolving', evolving),
+                           ('ready+page', ready_page), ('evolving+page', evolving_page)):
         _describe(name, measured)
     _harness.info(f'a plain WSGI 503 through the same harness: '
                   f'{evolving["plain_503_opcodes"]} opcodes')
@@ -56,6 +63,12 @@ def run(kind):
                     detail=f'CPU {ready["cpu_us"] / bare["cpu_us"]:.3f}x (information only)')
     _harness.report('cost of a 503 / cost of a 200', kind,
                     statistics.mean(evolving['opcodes']) / bare_opcodes, COST_OF_503_TARGET, 'x')
+    _harness.report('pass-through, status page mounted', kind,
+                    statistics.mean(ready_page['opcodes']) / bare_opcodes, PASS_THROUGH_TARGET,
+                    'x')
+    _harness.report('503 / 200, status page mounted', kind,
+                    statistics.mean(evolving_page['opcodes']) / bare_opcodes, COST_OF_503_TARGET,
+                    'x')
     _harness.report('statements/request while evolving', kind,
                     evolving['statements'] / evolving['requests'], 0)
     _harness.report('statements/request when ready', kind,

@@ -287,6 +287,40 @@ def test_run_applies_what_status_and_plan_show_pending_exactly_once(cliapp):
     assert cliapp.effects() == collections.Counter(IDS)
 
 
+#: The keys of every entry of ``status --json``, registered or not, whatever its state.
+ENTRY_KEYS = {'id', 'registered', 'state', 'reason', 'running_now', 'attempts', 'started_at',
+              'finished_at', 'duration_ms', 'owner', 'generation', 'error', 'progress'}
+
+
+@SQLITE_ONLY
+def test_status_json_gives_every_entry_one_schema_with_nulls_where_unknown(cliapp):
+    pending = cliapp.gearbox('status', '--json')
+    assert pending.returncode == 1, pending
+    report = pending.json()
+    assert report['ok'] is False and report['lock'] is None and report['unregistered'] == []
+    for entry in report['evolutions']:
+        assert set(entry) == ENTRY_KEYS, entry
+        assert entry == dict.fromkeys(ENTRY_KEYS) | {
+            'id': entry['id'], 'registered': True, 'state': 'pending',
+            'reason': 'never applied', 'running_now': False, 'attempts': 0}
+
+    # A baseline of the first one, and a record of an id this release does not register.
+    marked = cliapp.gearbox('mark', '--force', 'seed_effects', 'dropped_last_release')
+    assert marked.returncode == 0, marked
+    report = cliapp.gearbox('status', '--json').json()
+    entries = report['evolutions'] + report['unregistered']
+    assert all(set(entry) == ENTRY_KEYS for entry in entries), entries
+    seed, = (e for e in report['evolutions'] if e['id'] == 'seed_effects')
+    assert (seed['state'], seed['reason'], seed['error'], seed['progress']) == (
+        'marked', None, None, None)
+    assert seed['finished_at'] is not None and re.fullmatch(OWNER_PATTERN, seed['owner'])
+    dropped, = report['unregistered']
+    assert (dropped['id'], dropped['registered'], dropped['state'], dropped['reason'],
+            dropped['running_now']) == ('dropped_last_release', False, 'marked', None, False)
+    assert set(report['lock']) == {'name', 'owner', 'held', 'generation', 'acquired_at',
+                                   'renewed_at', 'expires_at', 'expires_in', 'released_by'}
+
+
 @SQL_DATABASES
 def test_a_failed_evolution_fails_the_run_until_retried_and_fixed(cliapp):
     cliapp.configure(fail='true')
@@ -453,7 +487,9 @@ def test_status_shows_the_progress_and_lock_of_a_running_evolution(cliapp):
     report = cliapp.gearbox('status', '--json').json()
     running = report['evolutions'][1]
     assert running['state'] == 'running' and running['reason'] == f'running now, by {owner}'
-    assert running['progress'] == {'done': 3, 'total': 10, 'percent': 30.0}
+    assert running['progress'] == {'done': 3, 'total': 10, 'percent': 30.0, 'rate': None,
+                                   'eta_seconds': None}
+    assert running['running_now'] is True
     assert report['lock']['owner'] == owner and report['lock']['held'] is True
     assert 0 < report['lock']['expires_in'] <= 15
 

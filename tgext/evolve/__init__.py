@@ -7,8 +7,10 @@ from .errors import (ConfigurationError, EvolutionFailed, EvolveError, LeaseLost
                      OperationRefused)
 from .evolution import Evolution
 from .plugin import plugme
+from .status_page import EvolveStatusController
 
 __version__ = '1.0.0.dev0'
 
-__all__ = ['plugme', 'Evolution', 'AlembicUpgrade', 'EvolveError', 'ConfigurationError',
-           'LeaseLost', 'EvolutionFailed', 'OperationRefused', 'LockWaitTimeout', '__version__']
+__all__ = ['plugme', 'Evolution', 'AlembicUpgrade', 'EvolveStatusController', 'EvolveError',
+           'ConfigurationError', 'LeaseLost', 'EvolutionFailed', 'OperationRefused',
+           'LockWaitTimeout', '__version__']

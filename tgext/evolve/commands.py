@@ -17,6 +17,9 @@ from .errors import (ConfigurationError, EvolutionFailed, LockWaitTimeout, Opera
                      exception_line)
 from .records import FAILED
 from .runner import RunListener
+from .status_document import error_summary as _error_summary, lock_document as _lock_json
+from .status_document import progress_document as _progress, record_fields, status_document
+from .status_document import recorded_progress as _recorded_progress
 
 log = logs.cli
 
@@ -126,13 +129,6 @@ def _when(timestamp):
     return datetime.datetime.fromtimestamp(timestamp).strftime('%Y-%m-%d %H:%M:%S')
 
 
-def _iso(timestamp):
-    if timestamp is None:
-        return None
-    moment = datetime.datetime.fromtimestamp(timestamp, tz=datetime.timezone.utc)
-    return moment.isoformat(timespec='milliseconds')
-
-
 def _duration(ms):
     if ms is None:
         return '-'
@@ -143,49 +139,10 @@ def _attempts(count):
     return f'{count} attempt{"" if count == 1 else "s"}'
 
 
-def _error_summary(error):
-    """The exception line of a traceback: what status shows; history ID shows it all."""
-    return exception_line(error)
-
-
-def _progress(done, total):
-    """A progress report as shown: the percentage is None when the total is unknown."""
-    percent = round(min(100.0, 100.0 * done / total), 1) if total else None
-    return {'done': done, 'total': total, 'percent': percent}
-
-
-def _recorded_progress(record):
-    if record is None or record.progress_done is None:
-        return None
-    return _progress(record.progress_done, record.progress_total)
-
-
 def _progress_text(progress):
     if progress['total']:
         return f'{progress["done"]}/{progress["total"]} ({progress["percent"]:.0f}%)'
     return f'{progress["done"]} done'
-
-
-def _record_json(record):
-    return {
-        'state': record.state, 'attempts': record.attempts,
-        'started_at': _iso(record.started_at), 'finished_at': _iso(record.finished_at),
-        'duration_ms': record.duration_ms, 'owner': record.owner,
-        'generation': record.generation, 'error': _error_summary(record.error),
-        'progress': _recorded_progress(record),
-    }
-
-
-def _lock_json(lock):
-    if lock is None:
-        return None
-    return {
-        'name': lock.name, 'owner': lock.owner, 'held': lock.held,
-        'generation': lock.generation, 'acquired_at': _iso(lock.acquired_at),
-        'renewed_at': _iso(lock.renewed_at), 'expires_at': _iso(lock.expires_at),
-        'expires_in': None if lock.expires_in is None else round(lock.expires_in, 3),
-        'released_by': lock.released_by,
-    }
 
 
 def _lock_text(lock):
@@ -224,15 +181,7 @@ def _status_detail(evolution):
 def _status(service, opts):
     status = operations.status(service)
     if opts.json:
-        _print_json({
-            'ok': status.settled,
-            'evolutions': [dict({'id': e.evolution_id, 'state': e.state, 'reason': e.reason},
-                                **(_record_json(e.record) if e.record else {}))
-                           for e in status.evolutions],
-            'unregistered': [dict({'id': r.evolution_id}, **_record_json(r))
-                             for r in status.unregistered],
-            'lock': _lock_json(status.lock),
-        })
+        _print_json(status_document(status))
     else:
         counts = {}
         for evolution in status.evolutions:
@@ -272,8 +221,8 @@ def _history_detail(record, registered):
 def _history(service, opts):
     rows = operations.history(service, opts.ids)
     if opts.json:
-        _print_json([dict({'id': r.evolution_id, 'registered': registered}, **_record_json(r),
-                          traceback=r.error, fingerprint=r.fingerprint)
+        _print_json([dict({'id': r.evolution_id, 'registered': registered, 'state': r.state},
+                          **record_fields(r), traceback=r.error, fingerprint=r.fingerprint)
                      for r, registered in rows])
     elif opts.ids:
         for record, registered in rows:

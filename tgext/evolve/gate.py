@@ -23,6 +23,9 @@ from .state import STARTING
 
 SAFE_METHODS = frozenset(('GET', 'HEAD', 'OPTIONS'))
 
+#: What a 503 says (a page of the application's ErrorController shows it as ``detail``).
+MESSAGE = 'Upgrading, back in a moment'
+
 #: How long a request that arrives before the first database read waits for it.
 FIRST_LOOK_TIMEOUT = 5.0
 
@@ -69,17 +72,33 @@ class GateDecision:
             state.wait_first_look(FIRST_LOOK_TIMEOUT)
         if state.open:
             return True
-        return self.readonly and environ.get('REQUEST_METHOD') in SAFE_METHODS
+        if self.readonly and environ.get('REQUEST_METHOD') in SAFE_METHODS:
+            return True
+        # The status page: it checks its own predicate, and answers the others with
+        # response() below.  '/evolve' + '/' matches '/evolve/', '/evolvefoo/' does not.
+        if state.passthrough:
+            return (environ.get('PATH_INFO', '') + '/').startswith(state.passthrough)
+        return False
 
     def body(self, environ):
         if wants_json(environ):
-            payload = {'status': 503, 'message': 'Upgrading, back in a moment',
+            payload = {'status': 503, 'message': MESSAGE,
                        'retry_after': int(self.retry_after)}
             progress = self.state.progress
             if progress is not None:
                 payload['progress'] = round(progress, 1)
             return 'application/json', json.dumps(payload).encode('utf-8')
         return 'text/html; charset=utf-8', self.html
+
+    def response(self, environ):
+        """The 503 this gate answers, as an exception a controller raises: for a request
+        the gate let through that must get what everyone else gets (see may_pass)."""
+        if self.service.renders_error_page:
+            return HTTPServiceUnavailable(detail=MESSAGE,
+                                          headers={'Retry-After': self.retry_after})
+        content_type, body = self.body(environ)
+        return HTTPServiceUnavailable(body=body, headerlist=[
+            ('Content-Type', content_type), ('Content-Length', str(len(body))), *self.headers])
 
 
 class MaintenanceMiddleware:
@@ -137,5 +156,4 @@ class MaintenanceApplicationWrapper(ApplicationWrapper):
         if self.decision.may_pass(environ):
             return self.next_handler(controller, environ, context)
         # Returned, not raised: a raised HTTPServiceUnavailable escapes ErrorPage.
-        return HTTPServiceUnavailable(detail='Upgrading, back in a moment',
-                                      headers={'Retry-After': self.decision.retry_after})
+        return self.decision.response(environ)

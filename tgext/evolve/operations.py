@@ -350,9 +350,12 @@ def _refuse_not_failed(ids, history):
                                f'clears a failed state (see unmark to run an evolution again)')
 
 
-def retry(service, ids, *, on_wait=None, timeout=None):
+def retry(service, ids, *, operator=None, on_wait=None, timeout=None):
     """Clear the failed state of evolutions, so that the next run (or a waiting process,
-    within one poll interval) runs them again.  Returns the failed records cleared."""
+    within one poll interval) runs them again.  Returns the failed records cleared.
+
+    ``operator`` names who asked, for the audit line (the status page passes the user TG
+    identified); by default the OS user running this process."""
     ids = tuple(dict.fromkeys(ids))
     _refuse_unknown(service, ids, False, 'retry')
     _refuse_not_failed(ids, service.backend.read_history())  # before waiting for the lock
@@ -360,8 +363,8 @@ def retry(service, ids, *, on_wait=None, timeout=None):
         history = service.backend.read_history()
         _refuse_not_failed(ids, history)
         service.backend.delete_history(lease, ids)
-    log.info('failed state cleared by %s, to be retried: %s', operator_identity(lease.owner),
-             ', '.join(ids))
+    log.info('failed state cleared by %s, to be retried: %s',
+             operator_identity(lease.owner, operator), ', '.join(ids))
     return tuple(history[i] for i in ids)
 
 
@@ -374,12 +377,14 @@ class ReleaseResult:
     broken_by: Optional[str] = None
 
 
-def operator_identity(owner):
-    """Who is running this command: the owner string plus the OS user, for the audit trail."""
-    try:
-        user = getpass.getuser()
-    except Exception:  # no login name in some containers
-        user = f'uid {os.getuid()}' if hasattr(os, 'getuid') else 'unknown'
+def operator_identity(owner, user=None):
+    """Who is running this command, for the audit trail: the owner string plus ``user``, by
+    default the OS user."""
+    if user is None:
+        try:
+            user = getpass.getuser()
+        except Exception:  # no login name in some containers
+            user = f'uid {os.getuid()}' if hasattr(os, 'getuid') else 'unknown'
     return f'{owner} (user {user})'
 
 

@@ -99,6 +99,8 @@ class _Registration:
         service = conf.get(SERVICE_KEY)
         self._new_service = service
         if service is not None:
+            from .status_page import mount_prefixes  # imported by apps that plug tgext.evolve only
+            service.state.passthrough = mount_prefixes(conf)
             service.start()
 
     def on_middlewares(self, app):

@@ -27,6 +27,9 @@ class GateState:
         self.open = False
         self.phase = STARTING
         self.progress = None  # percentage of the running evolution, when it reports one
+        # Path prefixes ('/evolve/') that reach the application while closed: where its status
+        # page is mounted, found when the application is built.  Read only while closed.
+        self.passthrough = ()
         self._first_look = threading.Event()
         after_fork_in_child(self._after_fork)
 

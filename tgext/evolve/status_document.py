@@ -1,0 +1,93 @@
+"""The status document: what ``gearbox evolve status --json`` prints and the status page's
+``status.json`` serves, built by one function so that both keep one schema.
+
+Every entry, of a registered evolution or of an id only the history knows, has the same keys;
+what is not known is ``null`` (an evolution that never ran has no start time, no owner, no
+progress).  The schema is documented in README.rst ("The status document").
+"""
+import datetime
+
+from .errors import exception_line
+from .records import RUNNING
+
+
+def iso(timestamp):
+    """Epoch seconds as an ISO 8601 UTC string with milliseconds, or None."""
+    if timestamp is None:
+        return None
+    moment = datetime.datetime.fromtimestamp(timestamp, tz=datetime.timezone.utc)
+    return moment.isoformat(timespec='milliseconds')
+
+
+def error_summary(error):
+    """The exception line of a traceback: what ``status`` shows; ``history ID`` shows it all."""
+    return exception_line(error)
+
+
+def progress_document(done, total, rate=None, eta_seconds=None):
+    """A progress report: ``percent`` is None when the total is unknown; ``rate`` (items per
+    second) and ``eta_seconds`` are None until the runner measures them."""
+    percent = round(min(100.0, 100.0 * done / total), 1) if total else None
+    return {'done': done, 'total': total, 'percent': percent, 'rate': rate,
+            'eta_seconds': eta_seconds}
+
+
+def recorded_progress(record):
+    if record is None or record.progress_done is None:
+        return None
+    return progress_document(record.progress_done, record.progress_total)
+
+
+def record_fields(record):
+    """The fields of a history record (or of no record: nulls, and 0 attempts)."""
+    if record is None:
+        return {'attempts': 0, 'started_at': None, 'finished_at': None, 'duration_ms': None,
+                'owner': None, 'generation': None, 'error': None, 'progress': None}
+    return {
+        'attempts': record.attempts,
+        'started_at': iso(record.started_at), 'finished_at': iso(record.finished_at),
+        'duration_ms': record.duration_ms, 'owner': record.owner,
+        'generation': record.generation, 'error': error_summary(record.error),
+        'progress': recorded_progress(record),
+    }
+
+
+def lock_document(lock):
+    """The lock, or None when it was never taken."""
+    if lock is None:
+        return None
+    return {
+        'name': lock.name, 'owner': lock.owner, 'held': lock.held,
+        'generation': lock.generation, 'acquired_at': iso(lock.acquired_at),
+        'renewed_at': iso(lock.renewed_at), 'expires_at': iso(lock.expires_at),
+        'expires_in': None if lock.expires_in is None else round(lock.expires_in, 3),
+        'released_by': lock.released_by,
+    }
+
+
+def _entry(evolution_id, registered, state, reason, running_now, record):
+    return {'id': evolution_id, 'registered': registered, 'state': state, 'reason': reason,
+            'running_now': running_now, **record_fields(record)}
+
+
+def _held_by_its_owner(record, lock):
+    return (record.state == RUNNING and lock is not None and lock.held
+            and lock.owner == record.owner and lock.generation == record.generation)
+
+
+def status_document(status):
+    """The JSON-ready document of an :class:`~tgext.evolve.operations.Status`.
+
+    ``ok``: nothing pending, running or failed.  ``evolutions``: every registered evolution in
+    run order.  ``unregistered``: history records of ids no registered evolution has.
+    ``lock``: the lock, or None.
+    """
+    return {
+        'ok': status.settled,
+        'evolutions': [_entry(e.evolution_id, True, e.state, e.reason, e.running_now, e.record)
+                       for e in status.evolutions],
+        'unregistered': [_entry(r.evolution_id, False, r.state, None,
+                                _held_by_its_owner(r, status.lock), r)
+                         for r in status.unregistered],
+        'lock': lock_document(status.lock),
+    }
