@@ -13,8 +13,7 @@ import time
 from gearbox.command import Command
 
 from . import logs, operations
-from .errors import (ConfigurationError, EvolutionFailed, LockWaitTimeout, OperationRefused,
-                     exception_line)
+from .errors import ConfigurationError, EvolutionFailed, LockWaitTimeout, OperationRefused
 from .records import FAILED
 from .runner import RunListener
 from .status_document import error_summary as _error_summary, lock_document as _lock_json
