@@ -1,7 +1,9 @@
-"""The :class:`Evolution` base class and the checks run on what an application registers."""
+"""The :class:`Evolution` and :class:`BatchEvolution` base classes, and the checks run on what
+an application registers."""
 # Type hints for readers and checkers, never evaluated: that would cost every process start-up.
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from .errors import ConfigurationError
@@ -23,6 +25,10 @@ class Evolution:
 
     #: Ids of evolutions that must be applied before this one.
     depends_on: Sequence[str] = ()
+
+    #: True: the site serves (200) while this evolution runs, once every blocking evolution is
+    #: applied.  A blocking evolution that depends on it makes it blocking.
+    background: bool = False
 
     #: The application's configuration, set before ``evolve()`` is called.
     config: Optional[Mapping[str, Any]] = None
@@ -56,6 +62,58 @@ class Evolution:
         return f'<{type(self).__name__} {self.evolution_id!r}>'
 
 
+class BatchEvolution(Evolution):
+    """A data evolution over many items, run in short batches that resume after any crash.
+
+    Either walk a collection: ``collection()`` returns what to walk (a SQLAlchemy ``Query`` or
+    ``select()`` of one entity or table, or a Ming query), which tgext.evolve pages through by
+    its primary key, and ``process(item)`` (or ``process_batch(items)``) changes the items.
+    Or the low-level form: ``batch(cursor, size)`` does up to ``size`` items after ``cursor``
+    (None at the start) and returns the new cursor (a JSON value), or None when nothing was
+    left.
+
+    Each batch's work, its checkpoint and the fencing check commit in one transaction on
+    PostgreSQL, SQLite and InnoDB, so ``process()`` may be non-idempotent: a batch is never
+    applied twice, and the next holder resumes from the last committed checkpoint.  On
+    MongoDB a batch may be applied again after a crash (at least once).
+    """
+
+    #: Items in the first batch; then the size adapts so that a batch takes ``batch_seconds``.
+    batch_size = 100
+
+    #: True: every process of the cluster works on key ranges of the collection at once.
+    parallel = False
+
+    #: With ``parallel``: at most this many processes work at once (None: no limit).
+    max_workers = None
+
+    def collection(self):
+        """What to walk: a ``Query``/``select()`` (SQL) or a Ming query."""
+        raise NotImplementedError
+
+    def process(self, item):
+        """Change one item (through the application's session)."""
+        raise NotImplementedError
+
+    def process_batch(self, items):
+        """Change a batch of items at once (bulk statements); by default ``process()`` each."""
+        for item in items:
+            self.process(item)
+
+    def batch(self, cursor, size):
+        """The low-level form: do up to ``size`` items after ``cursor``, return the new cursor,
+        or None when nothing was left."""
+        raise NotImplementedError
+
+    def count(self):
+        """The number of items, for progress and ETA; by default the collection's count, taken
+        once.  None: unknown."""
+        return None
+
+    def evolve(self):
+        raise TypeError(f'{self!r} is a BatchEvolution: tgext.evolve runs it batch by batch')
+
+
 def _describe(item):
     if isinstance(item, type):
         return f'class {item.__module__}.{item.__qualname__}'
@@ -80,9 +138,13 @@ def _instantiate(item, position):
     return item
 
 
-def _check_id(evolution, position):
+def _defines(evolution, name, base):
+    """Whether the evolution's class overrides ``base.<name>``."""
+    return getattr(type(evolution), name, None) is not getattr(base, name)
+
+
+def _check_id(evolution, where):
     evolution_id = evolution.evolution_id
-    where = f'evolutions[{position}] ({type(evolution).__qualname__})'
     if evolution_id is None:
         raise ConfigurationError(f'{where} has no evolution_id')
     if not isinstance(evolution_id, str):
@@ -95,8 +157,93 @@ def _check_id(evolution, position):
         raise ConfigurationError(
             f'{where}: evolution_id {evolution_id[:40]!r}... is {len(evolution_id)} characters '
             f'long, the limit is {MAX_ID_LENGTH}')
-    if type(evolution).evolve is Evolution.evolve:
+
+
+def _check_plain_function(evolution, name):
+    """``async def`` and generator methods return an object instead of running their body:
+    tgext.evolve would record an evolution applied whose work never ran."""
+    function = getattr(type(evolution), name, None)
+    function = getattr(function, '__func__', function)
+    if inspect.iscoroutinefunction(function) or inspect.isasyncgenfunction(function):
+        kind = 'a coroutine function (async def)'
+    elif inspect.isgeneratorfunction(function):
+        kind = 'a generator function (it contains yield)'
+    else:
+        return
+    raise ConfigurationError(
+        f'evolution {evolution.evolution_id!r}: {name}() is {kind}; tgext.evolve calls it '
+        f'in a plain thread and would never run its body: make it a plain method')
+
+
+def _check_flag(evolution, name):
+    value = getattr(evolution, name)
+    if not isinstance(value, bool):
+        raise ConfigurationError(
+            f'evolution {evolution.evolution_id!r}: {name} must be True or False, not {value!r}')
+
+
+def _check_positive_int(evolution, name, allow_none=False):
+    value = getattr(evolution, name)
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigurationError(
+            f'evolution {evolution.evolution_id!r}: {name} must be a positive integer'
+            f'{" or None" if allow_none else ""}, not {value!r}')
+
+
+def _check_batch_forms(evolution):
+    evolution_id = evolution.evolution_id
+    walks = _defines(evolution, 'collection', BatchEvolution)
+    low_level = _defines(evolution, 'batch', BatchEvolution)
+    per_item = _defines(evolution, 'process', BatchEvolution)
+    bulk = _defines(evolution, 'process_batch', BatchEvolution)
+    if _defines(evolution, 'evolve', BatchEvolution):
+        raise ConfigurationError(
+            f'evolution {evolution_id!r} is a BatchEvolution and defines evolve(), which would '
+            f'never be called: use collection() and process(), or batch()')
+    if walks and low_level:
+        raise ConfigurationError(
+            f'evolution {evolution_id!r} defines both collection() and batch(): define '
+            f'collection() with process()/process_batch(), or batch() alone')
+    if not walks and not low_level:
+        raise ConfigurationError(
+            f'evolution {evolution_id!r} defines neither collection() nor batch(): a '
+            f'BatchEvolution needs one of them')
+    if walks and not (per_item or bulk):
+        raise ConfigurationError(
+            f'evolution {evolution_id!r} defines collection() but neither process(item) nor '
+            f'process_batch(items)')
+    if walks and per_item and bulk:
+        raise ConfigurationError(
+            f'evolution {evolution_id!r} defines both process() and process_batch(): define '
+            f'one (process_batch() is the one called)')
+    if low_level and (per_item or bulk):
+        raise ConfigurationError(
+            f'evolution {evolution_id!r} defines batch() and process()/process_batch(), which '
+            f'batch() makes unused: remove them, or use collection() instead of batch()')
+    _check_positive_int(evolution, 'batch_size')
+    _check_flag(evolution, 'parallel')
+    _check_positive_int(evolution, 'max_workers', allow_none=True)
+    if evolution.parallel and low_level:
+        raise ConfigurationError(
+            f'evolution {evolution_id!r}: parallel = True needs collection() (tgext.evolve '
+            f'splits its key space into ranges); batch() cannot be split')
+    for name in ('collection', 'process', 'process_batch', 'batch', 'count'):
+        _check_plain_function(evolution, name)
+
+
+def _check_evolution(evolution, position):
+    where = f'evolutions[{position}] ({type(evolution).__qualname__})'
+    _check_id(evolution, where)
+    evolution_id = evolution.evolution_id
+    if isinstance(evolution, BatchEvolution):
+        _check_batch_forms(evolution)
+    elif type(evolution).evolve is Evolution.evolve:
         raise ConfigurationError(f'{where}: evolution {evolution_id!r} defines no evolve() method')
+    else:
+        _check_plain_function(evolution, 'evolve')
+    _check_flag(evolution, 'background')
     depends_on = evolution.depends_on
     if isinstance(depends_on, str) or not all(isinstance(d, str) for d in depends_on):
         raise ConfigurationError(
@@ -125,7 +272,7 @@ def collect_evolutions(items, registered=None):
         if any(source is item for source, _ in registered.values()):
             continue
         evolution = _instantiate(item, position)
-        _check_id(evolution, position)
+        _check_evolution(evolution, position)
         if evolution.evolution_id in registered:
             _, other = registered[evolution.evolution_id]
             if type(other) is type(evolution):

@@ -25,6 +25,8 @@ class Settings(NamedTuple):
     retry_after: int = 5
     on_failure: str = 'block'
     readonly: bool = False
+    batch_seconds: float = 1.0
+    throttle: float = 1.0
 
     @property
     def heartbeat_interval(self):
@@ -43,7 +45,7 @@ def _bool(key, value, source):
         ) from None
 
 
-def _number(kind, minimum=None, above=None):
+def _number(kind, minimum=None, above=None, maximum=None):
     def parse(key, value, source):
         if isinstance(value, bool):
             raise ConfigurationError(f'{source}: {key} = {value!r} is not a number')
@@ -61,6 +63,8 @@ def _number(kind, minimum=None, above=None):
             raise ConfigurationError(f'{source}: {key} = {value!r} must be greater than {above}')
         if minimum is not None and number < minimum:
             raise ConfigurationError(f'{source}: {key} = {value!r} must be at least {minimum}')
+        if maximum is not None and number > maximum:
+            raise ConfigurationError(f'{source}: {key} = {value!r} must be at most {maximum}')
         return number
     return parse
 
@@ -82,6 +86,11 @@ _PARSERS = {
     'retry_after': _number(int, minimum=0),
     'on_failure': _choice(ON_FAILURE_CHOICES),
     'readonly': _bool,
+    # A batch is one transaction: beyond minutes it holds locks and undo as long as the
+    # single transaction batching exists to avoid.
+    'batch_seconds': _number(float, above=0, maximum=600),
+    # Sleeping more than 100x the batch's own time would make a backfill crawl for no gain.
+    'throttle': _number(float, minimum=0, maximum=100),
 }
 
 

@@ -22,6 +22,8 @@ class PlannedStep(NamedTuple):
     evolution: object
     reason: str
     record: Optional[HistoryRecord] = None
+    #: False for a background evolution: the gate opens without waiting for it.
+    blocking: bool = True
 
     @property
     def evolution_id(self):
@@ -97,6 +99,32 @@ def _unsatisfied_dependencies(evolutions, history, pending_ids):
     return missing
 
 
+def _blocking_ids(steps):
+    """Ids of the pending steps the gate waits for: every evolution that is not
+    ``background``, and every pending evolution one of them depends on (transitively)."""
+    pending = {step.evolution_id: step.evolution for step in steps}
+    blocking = {i for i, evolution in pending.items() if not evolution.background}
+    frontier = list(blocking)
+    while frontier:
+        for dependency in pending[frontier.pop()].depends_on:
+            if dependency in pending and dependency not in blocking:
+                blocking.add(dependency)
+                frontier.append(dependency)
+    return blocking
+
+
+def _blocking_first(steps):
+    """The blocking steps, then the background ones, each group in run order.
+
+    Still a valid run order: a blocking step depends only on blocking pending steps (a
+    background one it depends on became blocking), and background steps come after anything.
+    """
+    blocking = _blocking_ids(steps)
+    return ([step for step in steps if step.evolution_id in blocking]
+            + [step._replace(blocking=False) for step in steps
+               if step.evolution_id not in blocking])
+
+
 def plan(evolutions, history, fingerprints=None):
     """The evolutions that still have to run, in run order, each with the reason it runs.
 
@@ -129,6 +157,7 @@ def plan(evolutions, history, fingerprints=None):
         else:
             reason = f'recorded as {record.state!r}'
         steps.append(PlannedStep(evolution, reason, record))
+    steps = _blocking_first(steps)
     missing = _unsatisfied_dependencies(ordered, history, {step.evolution_id for step in steps})
     if missing:
         raise ConfigurationError('; '.join(
