@@ -51,20 +51,19 @@ def open_backend(kind, url):
 
 
 #: The column :func:`a_later_storage_version` adds to the history table.
-LATER_COLUMN = 'checkpoint'
+LATER_COLUMN = 'later_release_note'
 
 
 @contextlib.contextmanager
 def a_later_storage_version():
     """This process's tgext.evolve with one more storage step, as a later release would append
-    it: a NULLable ``checkpoint`` column on the history table (what Part 2's checkpoints will
-    add), so that the upgrade mechanism is tested with a step that ALTERs a table.  Yields the
+    it: a NULLable ``later_release_note`` column on the history table, so that the upgrade mechanism is tested with a step that ALTERs a table.  Yields the
     step.  The package's own tables are left alone: the SQL backend finds the latest tables in
     ``sql_schema.metadata`` at every call, which is replaced by a copy here.
     """
     import sqlalchemy as sa
     from tgext.evolve.backends import base, sql_schema, upgrades
-    step = upgrades.StorageUpgrade(upgrades.STORAGE_VERSION + 1, 'a checkpoint column (test)',
+    step = upgrades.StorageUpgrade(upgrades.STORAGE_VERSION + 1, 'a later column (test)',
                                    new_columns=((base.HISTORY_TABLE, LATER_COLUMN),))
     later = sa.MetaData()
     for table in sql_schema.metadata.sorted_tables:

@@ -20,11 +20,11 @@ from tgext.evolve import Evolution
 from tgext.evolve.backends.ming import MingBackend
 from tgext.evolve.backends.sqlalchemy import SQLAlchemyBackend
 from tgext.evolve.options import Settings
-from tgext.evolve.records import APPLIED, MARKED
+from tgext.evolve.records import APPLIED, HISTORY_V1_FIELDS, MARKED
 from tgext.evolve.runner import Runner
 
 PROCESSES = 8
-VERSION = 2  # this release's storage version
+VERSION = 3  # this release's storage version
 OLD_OWNER = 'old-host:1:0ld'
 
 # --- storage version 1, frozen -------------------------------------------------------------------
@@ -82,6 +82,11 @@ def version_record(engine):
                             ).all()
 
 
+def v1_fields(record):
+    """What the old release wrote: the fields storage version 1 has."""
+    return {name: getattr(record, name) for name in HISTORY_V1_FIELDS}
+
+
 # --- SQL: real processes -------------------------------------------------------------------------
 
 @pytest.mark.slow
@@ -97,7 +102,7 @@ def test_processes_started_at_once_upgrade_version_1_storage_and_lose_nothing(sq
         # Nothing lost: the old rows are as the old release wrote them, the new evolutions
         # ran once each, the one the old release applied did not run again.
         old = SQLAlchemyBackend(c.engine)
-        assert {i: history[i]._asdict() for i in ('e1', 'retired')} == {
+        assert {i: v1_fields(history[i]) for i in ('e1', 'retired')} == {
             r['evolution_id']: {k: v for k, v in r.items() if k != 'progress_at'}
             for r in V1_HISTORY}
         assert {i: history[i].state for i in EVOLUTIONS} == dict.fromkeys(EVOLUTIONS, APPLIED)
@@ -156,7 +161,7 @@ def test_runners_started_at_once_upgrade_version_1_storage_on_mim(mim_database_u
         backend = MingBackend(harness.reader_db)
         history = backend.read_history()
         for row in V1_HISTORY:
-            assert history[row['evolution_id']]._asdict() == {
+            assert v1_fields(history[row['evolution_id']]) == {
                 k: v for k, v in row.items() if k != 'progress_at'}
         assert runs == {'e2': 1, 'e3': 1}
         assert backend.read_storage_version() == VERSION

@@ -14,6 +14,13 @@ APPLIED = 'applied'
 FAILED = 'failed'
 ADOPTED = 'adopted'  # applied by tgext.evolve 0.0.5, taken over from its ``tgext_evolve`` store
 MARKED = 'marked'  # recorded as applied by an operator without running it
+PAUSED = 'paused'  # stopped by an operator at a batch boundary (or before it started)
+
+#: What an operator may ask of an evolution (the history's ``requested``): honoured by the
+#: process that runs it, at the next batch boundary or before it starts.
+PAUSE = 'pause'
+RESUME = 'resume'
+RETRY = 'retry'
 #: States that mean "this evolution's work is in the database".
 DONE_STATES = frozenset((APPLIED, ADOPTED, MARKED))
 
@@ -64,10 +71,11 @@ class LockRecord(NamedTuple):
 class HistoryRecord(NamedTuple):
     """One evolution's history.
 
-    Every field is a column (a document field) that storage version 1 already had: the
-    history is what every process reads before it serves, also while a process of an older
-    release holds the lock, so a field that a later storage version adds must be read apart,
-    by code that has upgraded the storage first (see ``backends.upgrades.UPGRADES``).
+    The fields up to ``fingerprint`` are columns (document fields) that storage version 1
+    already had: the history is what every process reads before it serves, also while a
+    process of an older release holds the lock.  The batch fields after them were added by
+    storage version 3: they are read (``read_history(batches=True)``) only by code that knows
+    the storage has them, and are None otherwise.
     """
     evolution_id: str
     state: str
@@ -81,10 +89,23 @@ class HistoryRecord(NamedTuple):
     progress_done: Optional[int] = None
     progress_total: Optional[int] = None
     fingerprint: Optional[str] = None
+    # Storage version 3: the checkpoint of a batched evolution, and an operator's request.
+    checkpoint: Optional[str] = None  # JSON: the cursor after the last committed batch
+    batches_done: Optional[int] = None
+    batch_size: Optional[int] = None  # the size the next batch takes
+    rate: Optional[float] = None  # items per second, smoothed, for the ETA
+    requested: Optional[str] = None  # PAUSE, RESUME or RETRY, until honoured
+    requested_by: Optional[str] = None
+    requested_at: Optional[float] = None
 
     @property
     def done(self) -> bool:
         return self.state in DONE_STATES
+
+
+#: The history fields storage version 1 has, and those storage version 3 added.
+HISTORY_V1_FIELDS = HistoryRecord._fields[:HistoryRecord._fields.index('fingerprint') + 1]
+HISTORY_BATCH_FIELDS = HistoryRecord._fields[len(HISTORY_V1_FIELDS):]
 
 
 class LegacyState(NamedTuple):

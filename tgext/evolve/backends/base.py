@@ -39,6 +39,8 @@ from ..records import DEFAULT_LOCK_NAME, HistoryRecord, Lease, LegacyState, Lock
 LOCK_TABLE = 'tgext_evolve_lock'
 HISTORY_TABLE = 'tgext_evolve_history'
 SCHEMA_TABLE = 'tgext_evolve_schema'
+AUDIT_TABLE = 'tgext_evolve_audit'  # append-only: every attempt and every operator action
+RANGES_TABLE = 'tgext_evolve_ranges'  # key ranges of parallel evolutions, each claimed by lease
 LEGACY_TABLE = 'tgext_evolve'
 #: The name of the storage version's record in :data:`SCHEMA_TABLE`.
 STORAGE_RECORD = 'storage'
@@ -115,9 +117,16 @@ class Backend(abc.ABC):
     # --- reading (never fenced, never locking, never creating) ---------------------------------
 
     @abc.abstractmethod
-    def read_history(self) -> Mapping[str, HistoryRecord]:
+    def read_history(self, *, errors: bool = True,
+                     batches: bool = False) -> Mapping[str, HistoryRecord]:
         """Every history record, keyed by evolution id, in one query; empty when the history
-        store does not exist yet.  Reads only what storage version 1 has."""
+        store does not exist yet.
+
+        Reads what storage version 1 has; without ``errors`` no traceback text (``error`` is
+        None: what the runner polls with, so that a stored traceback is never transferred
+        again and again); with ``batches`` also the batch fields of storage version 3, which
+        only a caller that knows the storage has them may ask for.
+        """
 
     @abc.abstractmethod
     def read_lock(self, name: str = DEFAULT_LOCK_NAME) -> Optional[LockRecord]:

@@ -199,11 +199,16 @@ class MingBackend(base.Backend):
 
     # --- reading -------------------------------------------------------------------------------
 
-    def read_history(self) -> Mapping[str, records.HistoryRecord]:
+    def read_history(self, *, errors: bool = True,
+                     batches: bool = False) -> Mapping[str, records.HistoryRecord]:
+        fields = [f for f in records.HISTORY_V1_FIELDS if errors or f != 'error']
+        if batches:
+            fields += records.HISTORY_BATCH_FIELDS
         with self._guard():
             if not self._exists(base.HISTORY_TABLE):
                 return {}
-            return {doc['_id']: _history_record(doc) for doc in self._history.find()}
+            return {doc['_id']: _history_record(doc)
+                    for doc in self._history.find({}, projection=dict.fromkeys(fields, True))}
 
     def read_lock(self, name: str = records.DEFAULT_LOCK_NAME) -> Optional[records.LockRecord]:
         with self._guard():

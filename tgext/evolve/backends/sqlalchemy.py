@@ -19,8 +19,9 @@ from sqlalchemy.orm import scoped_session, sessionmaker
 
 from ..errors import LeaseLost
 from .. import forking, logs
-from ..records import (APPLIED, DEFAULT_LOCK_NAME, DONE_STATES, FAILED, RUNNING, HistoryRecord,
-                       Lease, LegacyState, LockRecord, require_done_state)
+from ..records import (APPLIED, DEFAULT_LOCK_NAME, DONE_STATES, FAILED, HISTORY_BATCH_FIELDS,
+                       HISTORY_V1_FIELDS, RUNNING, HistoryRecord, Lease, LegacyState, LockRecord,
+                       require_done_state)
 from .base import HISTORY_TABLE, LEGACY_TABLE, LOCK_TABLE, Backend
 from .sql_unprepared import unprepared, unprepared_engine
 
@@ -30,7 +31,15 @@ log = logs.backend
 # request: spelled out, it needs neither SQLAlchemy's compiler (~4 ms the first time in a
 # process) nor the tables (:mod:`.sql_schema`, loaded by the first write).  No identifier here
 # needs quoting on any dialect.
-_READ_HISTORY = sa.text(f'SELECT {", ".join(HistoryRecord._fields)} FROM {HISTORY_TABLE}')
+def _history_query(errors, batches):
+    fields = [f for f in HISTORY_V1_FIELDS if errors or f != 'error']
+    if batches:
+        fields += HISTORY_BATCH_FIELDS
+    return sa.text(f'SELECT {", ".join(fields)} FROM {HISTORY_TABLE}')
+
+
+_READ_HISTORY = {(errors, batches): _history_query(errors, batches)
+                 for errors in (False, True) for batches in (False, True)}
 
 
 def _float(value):
@@ -46,15 +55,16 @@ def _reading_from_master(session):
     return using_engine('master') if using_engine is not None else contextlib.nullcontext()
 
 
+_FLOAT_FIELDS = frozenset(('started_at', 'finished_at', 'duration_ms', 'rate', 'requested_at'))
+
+
 def _history_record(row):
     m = row._mapping
-    return HistoryRecord(
-        evolution_id=m['evolution_id'], state=m['state'], attempts=m['attempts'] or 0,
-        started_at=_float(m['started_at']), finished_at=_float(m['finished_at']),
-        duration_ms=_float(m['duration_ms']), owner=m['owner'], generation=m['generation'],
-        error=m['error'], progress_done=m['progress_done'], progress_total=m['progress_total'],
-        fingerprint=m['fingerprint'],
-    )
+    fields = {name: m[name] for name in HistoryRecord._fields if name in m}
+    for name in _FLOAT_FIELDS.intersection(fields):
+        fields[name] = _float(fields[name])
+    fields['attempts'] = fields['attempts'] or 0
+    return HistoryRecord(**fields)
 
 
 class SQLAlchemyBackend(Backend):
@@ -142,8 +152,8 @@ class SQLAlchemyBackend(Backend):
         with self.engine.connect() as conn:
             return conn.execute(statement).fetchall()
 
-    def read_history(self):
-        rows = self._reading(HISTORY_TABLE, _READ_HISTORY, ())
+    def read_history(self, *, errors=True, batches=False):
+        rows = self._reading(HISTORY_TABLE, _READ_HISTORY[errors, batches], ())
         return {row.evolution_id: _history_record(row) for row in rows}
 
     def read_lock(self, name=DEFAULT_LOCK_NAME):

@@ -5,7 +5,7 @@ on the way of a process that starts on an evolved database and only reads its hi
 """
 from typing import NamedTuple, Tuple
 
-from .base import SCHEMA_TABLE
+from .base import AUDIT_TABLE, HISTORY_TABLE, RANGES_TABLE, SCHEMA_TABLE
 
 
 class StorageUpgrade(NamedTuple):
@@ -28,6 +28,12 @@ class StorageUpgrade(NamedTuple):
 UPGRADES = (
     StorageUpgrade(2, 'the storage version, recorded in tgext_evolve_schema',
                    new_stores=(SCHEMA_TABLE,)),
+    StorageUpgrade(3, 'checkpoints of batched evolutions and operators\' requests in the history, '
+                      'the audit trail, key ranges of parallel evolutions',
+                   new_stores=(AUDIT_TABLE, RANGES_TABLE),
+                   new_columns=tuple((HISTORY_TABLE, name) for name in (
+                       'checkpoint', 'batches_done', 'batch_size', 'rate', 'requested',
+                       'requested_by', 'requested_at'))),
 )
 #: The version this release's code reads and writes.
 STORAGE_VERSION = UPGRADES[-1].version
