@@ -5,13 +5,25 @@ the batch's work inside it and commits it together with the checkpoint and the f
 (:meth:`~.backends.base.Backend.run_batch`); this module decides what each batch does, how big
 it is, and what happens when one fails.
 """
+import collections
 import json
+import math
 import time
-from typing import NamedTuple, Optional
+import traceback
+
+from . import logs
+from .cursors import check_user_cursor
+from .errors import ConfigurationError, LeaseLost
+from .backends.base import BatchCheckpoint
+from .records import APPLIED, PAUSED
+
+log = logs.runner
 
 #: Batches never grow past this many items unless the class says otherwise: a batch's objects
 #: live in the session until it commits.
 DEFAULT_MAX_BATCH_SIZE = 10_000
+#: Progress is logged at most this often.
+PROGRESS_LOG_INTERVAL = 5.0
 #: A failing batch is retried this many times, at half its size each time, before the
 #: evolution is recorded failed (its checkpoint kept).
 BATCH_RETRIES = 3
@@ -20,21 +32,24 @@ BATCH_RETRIES = 3
 class BatchSizer:
     """Adapts the batch size so that one batch takes about ``target`` seconds.
 
-    The time per item is smoothed over batches so that one noisy batch does not swing the size;
-    a slowdown is followed at once (short transactions come first) while growth is bounded per
-    batch (x1.5, as GitLab's batch optimizer bounds its steps), so a size that overshoots when
-    rows get costlier costs at most one long batch.
+    A batch's duration is modelled as a fixed cost (the statements every batch sends, the
+    walk's query) plus a cost per item, fitted over the last few batches, so that neither one
+    noisy batch nor a fixed cost larger than the target swings the size (a per-item model alone
+    would shrink batches to one item when the fixed cost dominates).  A batch that took more
+    than twice the target shrinks the next one at once (short transactions come first); growth
+    is bounded per batch (x1.5, as GitLab's batch optimizer bounds its steps), so a size that
+    overshoots when items get costlier costs at most one long batch.
     """
 
     GROWTH = 1.5
-    SMOOTHING = 0.3  # weight of the newest batch in the smoothed time per item
+    WINDOW = 8  # batches the model is fitted on
 
     def __init__(self, size, target, ceiling=DEFAULT_MAX_BATCH_SIZE, floor=1):
         self.target = target
         self.floor = floor
         self.ceiling = max(floor, ceiling)
         self.size = self._bounded(size)
-        self.per_item = None
+        self.samples = collections.deque(maxlen=self.WINDOW)
 
     def _bounded(self, size):
         return int(min(self.ceiling, max(self.floor, size)))
@@ -43,42 +58,58 @@ class BatchSizer:
         """A batch of ``items`` items took ``seconds``: choose the next size."""
         if items <= 0:
             return self.size
-        latest = max(seconds, 1e-9) / items
-        if self.per_item is None:
-            self.per_item = latest
+        seconds = max(seconds, 1e-9)
+        self.samples.append((items, seconds))
+        if seconds > 2 * self.target:
+            ideal = items * self.target / seconds
         else:
-            smoothed = self.SMOOTHING * latest + (1 - self.SMOOTHING) * self.per_item
-            self.per_item = max(smoothed, latest) if latest > self.per_item else smoothed
-        ideal = self.target / self.per_item
+            fixed, per_item = self._fit()
+            ideal = (self.target - fixed) / per_item if fixed < self.target else math.inf
         self.size = self._bounded(min(ideal, self.size * self.GROWTH))
         return self.size
+
+    def _fit(self):
+        """``(fixed seconds, seconds per item)`` by least squares over the window."""
+        n = len(self.samples)
+        sx = sum(x for x, _ in self.samples)
+        sy = sum(y for _, y in self.samples)
+        sxx = sum(x * x for x, _ in self.samples)
+        sxy = sum(x * y for x, y in self.samples)
+        spread = n * sxx - sx * sx
+        if spread > 1e-9 * sxx * n:
+            per_item = (n * sxy - sx * sy) / spread
+            fixed = (sy - per_item * sx) / n
+            if per_item > 0 and fixed >= 0:
+                return fixed, per_item
+            if per_item <= 0:
+                return sy / n, 1e-12  # the size makes no difference: the fixed cost is all
+        return 0.0, sy / sx  # one size so far (or noise): proportional
 
     def halve(self):
         """A batch failed: the next attempt takes half as many items."""
         self.size = max(self.floor, self.size // 2)
         return self.size
 
+    def state(self):
+        return self.size, tuple(self.samples)
 
-class RateMeter:
-    """Items per second over wall time (throttle sleeps included), smoothed: for the ETA."""
+    def restore(self, state):
+        self.size, samples = state
+        self.samples = collections.deque(samples, maxlen=self.WINDOW)
 
-    SMOOTHING = 0.3
 
-    def __init__(self, rate=None):
-        self.rate = rate
-        self._since = None
+#: Weight of the newest batch in the smoothed rate.
+RATE_SMOOTHING = 0.3
 
-    def start(self):
-        self._since = time.monotonic()
 
-    def observe(self, items):
-        now = time.monotonic()
-        if self._since is not None and now > self._since:
-            latest = items / (now - self._since)
-            self.rate = latest if self.rate is None else (
-                self.SMOOTHING * latest + (1 - self.SMOOTHING) * self.rate)
-        self._since = now
-        return self.rate
+def smoothed_rate(previous, items, seconds):
+    """Items per second after a batch of ``items`` that took ``seconds`` of wall time since
+    the batch before it (throttle sleeps included, so that the ETA is what a person waits)."""
+    if items <= 0 or seconds <= 0:
+        return previous
+    latest = items / seconds
+    return latest if previous is None else (
+        RATE_SMOOTHING * latest + (1 - RATE_SMOOTHING) * previous)
 
 
 def eta_seconds(done, total, rate):
@@ -88,15 +119,6 @@ def eta_seconds(done, total, rate):
     return max(0.0, (total - done) / rate)
 
 
-class BatchOutcome(NamedTuple):
-    """What one batch did, as the backend commits it with the checkpoint."""
-    items: int  # items processed in this batch
-    cursor: Optional[str]  # the checkpoint after it, JSON text (None: at the start)
-    exhausted: bool  # nothing after it: the evolution is applied with this batch
-    next_size: int  # the size the next batch takes
-    rate: Optional[float]  # items/s for the ETA
-
-
 def dump_cursor(value):
     """A cursor as stored (JSON text); None stays None (the start)."""
     return None if value is None else json.dumps(value, allow_nan=False, separators=(',', ':'))
@@ -104,3 +126,201 @@ def dump_cursor(value):
 
 def load_cursor(text):
     return None if text is None else json.loads(text)
+
+
+# How a batched run ended.
+DONE = 'applied'  # the last batch committed: the evolution is applied
+STOPPED_PAUSED = 'paused'  # an operator's pause request was honoured at a batch boundary
+FAILED = 'failed'  # recorded failed, its checkpoint kept
+LOST = 'lost'  # the lease was lost: another process resumes from the checkpoint
+STOPPED = 'stopped'  # this process is stopping: the next holder resumes from the checkpoint
+
+
+class BatchedRun:
+    """One attempt at a :class:`~.evolution.BatchEvolution`, batch after batch, under a lease.
+
+    ``runner`` gives the backend, the settings, the gate state, the listener and the stop
+    event; ``step`` is the planned step (its record, read with the batch fields, says where a
+    resumed evolution stands); ``heartbeat`` holds the lease.
+    """
+
+    def __init__(self, runner, step, heartbeat):
+        self.backend = runner.backend
+        self.settings = runner.settings
+        self.state = runner.state
+        self.listener = runner.listener
+        self.stopping = runner.stopping
+        self.evolution = step.evolution
+        self.evolution_id = step.evolution_id
+        self.step = step
+        self.heartbeat = heartbeat
+        self.fingerprint = runner.fingerprints.get(self.evolution_id)
+        self.throttle = 0.0 if step.blocking else self.settings.throttle
+        self._logged_at = 0.0
+        self.error = None  # the traceback text recorded when the run failed
+
+    # --- the run ---------------------------------------------------------------------------
+
+    def run(self):
+        """Start (or resume) the evolution and run its batches; returns how it ended."""
+        try:
+            walker = self._walker()
+            total = self._total(walker)
+        except Exception as e:
+            if self.backend.is_transient(e) or self.backend.is_busy(e):
+                raise
+            return self._fail(traceback.format_exc())  # collection() or count() raised
+        try:
+            record = self.backend.record_batches_running(
+                self.heartbeat.lease, self.evolution_id, self.evolution.batch_size, total,
+                self.fingerprint)
+        except LeaseLost:
+            self.heartbeat.lost.set()
+            return LOST
+        log.info('evolving %r in batches (%s, attempt %d)%s', self.evolution_id,
+                 self.step.reason, record.attempts, _resume_note(record))
+        return self._batches(walker, record)
+
+    def _walker(self):
+        if self.evolution.walks:
+            return self.backend.walker(self.evolution_id, self.evolution.collection())
+        return None
+
+    def _total(self, walker):
+        """The total for progress and ETA: the one recorded (resuming), else counted once."""
+        record = self.step.record
+        if record is not None and not record.done and record.progress_total is not None:
+            return record.progress_total
+        if self.evolution.counts:
+            return self.backend.in_session(self.evolution.count)
+        if walker is not None:
+            return self.backend.in_session(walker.count)
+        return None
+
+    def _batches(self, walker, record):
+        sizer = BatchSizer(record.batch_size or self.evolution.batch_size,
+                           self.settings.batch_seconds, self.evolution.max_batch_size)
+        cursor = load_cursor(record.checkpoint)
+        done, total, rate = record.progress_done or 0, record.progress_total, record.rate
+        failures = 0
+        since = time.monotonic()
+        while True:
+            if self.heartbeat.lost.is_set():
+                return LOST
+            if self.stopping.is_set():
+                return STOPPED
+            saved = sizer.state()
+            started = time.monotonic()
+            work = _BatchWork(self, walker, cursor, sizer, since, rate)
+            try:
+                record = self.backend.run_batch(self.heartbeat.lease, self.evolution_id, work)
+            except LeaseLost:
+                self.heartbeat.lost.set()
+                log.warning('lock lost while %r ran: its batch was rolled back%s',
+                            self.evolution_id, '' if self.backend.atomic_apply else
+                            ' (its flushed writes stay: at least once)')
+                return LOST
+            except ConfigurationError:
+                return self._fail(traceback.format_exc())
+            except Exception as e:
+                if self.backend.is_transient(e) or self.backend.is_busy(e):
+                    raise  # the database, not the batch: the runner retries, resuming here
+                sizer.restore(saved)
+                failures += 1
+                if failures > BATCH_RETRIES:
+                    return self._fail(self._failure_text(cursor, sizer.size))
+                log.warning('batch of %r after cursor %s failed (%s: %s): rolled back, '
+                            'retrying with %d items', self.evolution_id, _short(cursor),
+                            type(e).__name__, _short(str(e)), sizer.halve())
+                continue
+            self.heartbeat.note_renewed()  # the batch's fencing check renewed the lease
+            failures = 0
+            cursor, done, rate = work.cursor, record.progress_done or 0, record.rate
+            since = time.monotonic()
+            self._report(done, total, rate)
+            if record.state == APPLIED:
+                log.info('applied %r: %d items in %d batches, %.0f ms', self.evolution_id,
+                         done, record.batches_done or 0, record.duration_ms or 0)
+                return DONE
+            if record.state == PAUSED:
+                log.info('paused %r at a batch boundary (%d items done; checkpoint kept)',
+                         self.evolution_id, done)
+                return STOPPED_PAUSED
+            if self.throttle:
+                # Leaves the database to live traffic: the rate (and the ETA) include it.
+                self.stopping.wait(self.throttle * (since - started))
+
+    # --- what the runner sees ---------------------------------------------------------------
+
+    def _report(self, done, total, rate):
+        percent = min(100.0, 100.0 * done / total) if total else None
+        self.state.progress = percent
+        self.state.eta = eta_seconds(done, total, rate)
+        self.listener.progress(self.evolution_id, done, total)
+        now = time.monotonic()
+        if now - self._logged_at >= PROGRESS_LOG_INTERVAL:
+            self._logged_at = now
+            eta = self.state.eta
+            log.info('evolving %r: %d%s%s%s', self.evolution_id, done,
+                     f'/{total} ({percent:.0f}%)' if total else '',
+                     f', {rate:.0f} items/s' if rate else '',
+                     f', about {eta:.0f} s left' if eta is not None else '')
+
+    def _failure_text(self, cursor, size):
+        return (f'{traceback.format_exc().rstrip()}\n\nThe batch after cursor {_short(cursor)} '
+                f'failed {BATCH_RETRIES + 1} times (the last one with {size} items); every '
+                f'batch before it is committed and the checkpoint is kept there: retry resumes '
+                f'from it.\n')
+
+    def _fail(self, error):
+        self.error = error
+        self.backend.record_failure(self.heartbeat.lease, self.evolution_id, error)
+        log.error('evolution %r failed; its last batch was rolled back, its checkpoint kept:'
+                  '\n%s', self.evolution_id, error.rstrip())
+        return FAILED
+
+
+class _BatchWork:
+    """One batch's work, called by the backend inside the batch's transaction: fetch the next
+    items, process them, and return the checkpoint to commit with them."""
+
+    def __init__(self, run, walker, cursor, sizer, since, rate):
+        self.run = run
+        self.walker = walker
+        self.cursor = cursor
+        self.sizer = sizer
+        self.since = since
+        self.rate = rate
+
+    def __call__(self):
+        started = time.monotonic()
+        size = self.sizer.size
+        evolution = self.run.evolution
+        if self.walker is not None:
+            batch = self.walker.next_batch(self.cursor, size)
+            if batch.items:
+                evolution.process_batch(batch.items)
+            items, cursor, exhausted = len(batch.items), batch.cursor, not batch.items
+        else:
+            returned = evolution.batch(self.cursor, size)
+            exhausted = returned is None
+            cursor = self.cursor if exhausted else check_user_cursor(self.run.evolution_id,
+                                                                     returned)
+            items = 0 if exhausted else size
+        self.cursor = cursor
+        now = time.monotonic()
+        next_size = self.sizer.observe(items, now - started)
+        return BatchCheckpoint(items, dump_cursor(cursor), exhausted, next_size,
+                               smoothed_rate(self.rate, items, now - self.since))
+
+
+def _resume_note(record):
+    if not record.progress_done:
+        return ''
+    return (f': resuming after {record.progress_done} items in {record.batches_done} batches'
+            if record.checkpoint is not None else '')
+
+
+def _short(value, limit=200):
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text if len(text) <= limit else text[:limit - 3] + '...'

@@ -81,6 +81,10 @@ class BatchEvolution(Evolution):
     #: Items in the first batch; then the size adapts so that a batch takes ``batch_seconds``.
     batch_size = 100
 
+    #: The adaptive size never grows past this: a batch's objects stay in memory until it
+    #: commits.
+    max_batch_size = 10_000
+
     #: True: every process of the cluster works on key ranges of the collection at once.
     parallel = False
 
@@ -112,6 +116,16 @@ class BatchEvolution(Evolution):
 
     def evolve(self):
         raise TypeError(f'{self!r} is a BatchEvolution: tgext.evolve runs it batch by batch')
+
+    @property
+    def walks(self) -> bool:
+        """True for the collection() form, False for the low-level batch() form."""
+        return _defines(self, 'collection', BatchEvolution)
+
+    @property
+    def counts(self) -> bool:
+        """True when the class gives its own count()."""
+        return _defines(self, 'count', BatchEvolution)
 
 
 def _describe(item):
@@ -223,6 +237,7 @@ def _check_batch_forms(evolution):
             f'evolution {evolution_id!r} defines batch() and process()/process_batch(), which '
             f'batch() makes unused: remove them, or use collection() instead of batch()')
     _check_positive_int(evolution, 'batch_size')
+    _check_positive_int(evolution, 'max_batch_size')
     _check_flag(evolution, 'parallel')
     _check_positive_int(evolution, 'max_workers', allow_none=True)
     if evolution.parallel and low_level:

@@ -106,7 +106,8 @@ fork_gate = ForkGate()
 
 
 class ForkGatedBackend:
-    """A backend whose every call passes through :data:`fork_gate` (``evolve()`` excepted)."""
+    """A backend whose every call passes through :data:`fork_gate` (the application's own
+    code, ``evolve()`` and a batch's work, excepted)."""
 
     def __init__(self, backend, gate=fork_gate):
         self._backend = backend
@@ -122,13 +123,20 @@ class ForkGatedBackend:
                 return attribute(*args, **kwargs)
         return gated
 
-    def apply(self, lease, evolution_id, work, fingerprint=None):
+    def _ungated(self, work):
         def ungated_work():
             with self._gate.open_during():
-                work()
+                return work()
+        return ungated_work
 
+    def apply(self, lease, evolution_id, work, fingerprint=None):
         with self._gate.call():
-            return self._backend.apply(lease, evolution_id, ungated_work, fingerprint)
+            return self._backend.apply(lease, evolution_id, self._ungated(work), fingerprint)
+
+    def run_batch(self, lease, evolution_id, work):
+        # A batch's work runs the application's code, like evolve(): a fork does not wait.
+        with self._gate.call():
+            return self._backend.run_batch(lease, evolution_id, self._ungated(work))
 
 
 # --- resets in a forked child --------------------------------------------------------------

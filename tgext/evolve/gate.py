@@ -84,9 +84,11 @@ class GateDecision:
         if wants_json(environ):
             payload = {'status': 503, 'message': MESSAGE,
                        'retry_after': int(self.retry_after)}
-            progress = self.state.progress
+            progress, eta = self.state.progress, self.state.eta
             if progress is not None:
                 payload['progress'] = round(progress, 1)
+            if eta is not None:
+                payload['eta_seconds'] = round(eta)
             return 'application/json', json.dumps(payload).encode('utf-8')
         return 'text/html; charset=utf-8', self.html
 

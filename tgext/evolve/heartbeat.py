@@ -33,6 +33,7 @@ class Heartbeat:
         self.lost = threading.Event()
         self._stop = threading.Event()
         self._progress = None
+        self._renewed_at = None  # when a batch's fencing check last renewed the lease
         self._guard = threading.Lock()
         self._thread = threading.Thread(target=self._run, name='tgext.evolve-heartbeat',
                                         daemon=True)
@@ -43,6 +44,12 @@ class Heartbeat:
     def stop(self):
         self._stop.set()
         self._thread.join()
+
+    def note_renewed(self):
+        """A batch's fencing check just renewed the lease: the next renewal can wait.
+
+        On SQLite (one writer) a renewal would otherwise queue behind the next batch."""
+        self._renewed_at = time.monotonic()
 
     def set_progress(self, evolution_id, done, total):
         with self._guard:
@@ -59,6 +66,8 @@ class Heartbeat:
         failing = False
         while not self._stop.wait(tick):
             progress = self._take_progress()
+            if self._renewed_at is not None:
+                next_renewal = max(next_renewal, self._renewed_at + self.interval)
             if progress is None and time.monotonic() < next_renewal:
                 continue
             try:

@@ -14,7 +14,7 @@ import heapq
 from typing import NamedTuple, Optional
 
 from .errors import ConfigurationError
-from .records import FAILED, MAX_ID_LENGTH, RUNNING, HistoryRecord
+from .records import FAILED, MAX_ID_LENGTH, PAUSED, RESUME, RUNNING, HistoryRecord
 
 
 class PlannedStep(NamedTuple):
@@ -99,6 +99,12 @@ def _unsatisfied_dependencies(evolutions, history, pending_ids):
     return missing
 
 
+def _resumes(record):
+    if record.checkpoint is None:
+        return ''
+    return f'; resumes from its checkpoint ({record.progress_done or 0} items done)'
+
+
 def _blocking_ids(steps):
     """Ids of the pending steps the gate waits for: every evolution that is not
     ``background``, and every pending evolution one of them depends on (transitively)."""
@@ -153,7 +159,10 @@ def plan(evolutions, history, fingerprints=None):
             plural = 's' if record.attempts != 1 else ''
             reason = f'failed before ({record.attempts} attempt{plural})'
         elif record.state == RUNNING:
-            reason = f'interrupted while {record.owner} ran it'
+            reason = f'interrupted while {record.owner} ran it{_resumes(record)}'
+        elif record.state == PAUSED:
+            reason = (f'resumed by {record.requested_by}{_resumes(record)}'
+                      if record.requested == RESUME else f'paused{_resumes(record)}')
         else:
             reason = f'recorded as {record.state!r}'
         steps.append(PlannedStep(evolution, reason, record))

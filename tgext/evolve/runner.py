@@ -17,10 +17,14 @@ import traceback
 
 from . import logs
 from .errors import ConfigurationError, EvolutionFailed, LeaseLost
+from .evolution import BatchEvolution
 from .planning import fingerprints, plan
-from .records import ADOPTED, DEFAULT_LOCK_NAME, FAILED
-from .state import (BLOCKED, EVOLVING, MISCONFIGURED, READY, SERVING_AFTER_FAILURE, UNREACHABLE,
-                    WAITING, GateState)
+from .records import ADOPTED, DEFAULT_LOCK_NAME, FAILED, PAUSE, PAUSED, RESUME
+from .state import (BLOCKED, EVOLVING, MISCONFIGURED, PAUSED as PAUSED_PHASE, READY,
+                    SERVING_AFTER_FAILURE, UNREACHABLE, WAITING, GateState)
+
+#: The storage version whose history has the batch fields (checkpoints, requests).
+BATCH_FIELDS_VERSION = 3
 
 
 log = logs.runner
@@ -81,6 +85,7 @@ class Runner:
         self._stop = threading.Event()
         self._thread = None
         self._storage = None  # CREATED once ensure_storage() ran, CURRENT once upgraded
+        self._batch_fields = None  # whether the history has them: known once something is pending
         self._failures_at_start = None
         self._attempted = set()
         self._waiting = False
@@ -94,6 +99,11 @@ class Runner:
         self._thread = threading.Thread(target=self.run, name='tgext.evolve', daemon=True)
         self._thread.start()
         return self._thread
+
+    @property
+    def stopping(self):
+        """Set once ``stop()`` was called: a batched evolution stops at its next boundary."""
+        return self._stop
 
     @property
     def alive(self):
@@ -159,15 +169,13 @@ class Runner:
                 self._set_waiting(lock)
                 return WAIT
             self._waiting = False
-        history = self.backend.read_history()  # empty on a new database
-        self._database_answered()
-        if self._failures_at_start is None:
-            self._failures_at_start = {i: r.attempts for i, r in history.items()
-                                       if r.state == FAILED}
-        steps = plan(self.evolutions, history, self.fingerprints)
+        steps = self._plan()
         if not steps:
-            self._open(READY, 'all %d evolutions applied: serving', len(self.evolutions))
+            self._open(READY, 'all %d evolutions applied: serving', len(self.evolutions),
+                       key='all-applied')
             return DONE
+        if not any(step.blocking for step in steps):
+            self._open_for_background(steps)
         if self._runnable(steps) == []:
             return self._blocked(steps[0])
         self._ensure_storage()
@@ -180,6 +188,28 @@ class Runner:
                    'lock acquired (generation %d) by %s: %d evolution(s) pending',
                    lease.generation, self.owner, len(steps))
         return self._run_locked(lease)
+
+    def _plan(self):
+        """Read the history (never its traceback text) and plan; on storage that has them, with
+        the batch fields (checkpoints, operators' requests), which only a process with
+        something pending needs: one on an evolved database reads the history once, and that
+        is all."""
+        history = self.backend.read_history(errors=False, batches=bool(self._batch_fields))
+        self._database_answered()
+        if self._failures_at_start is None:
+            self._failures_at_start = {i: r.attempts for i, r in history.items()
+                                       if r.state == FAILED}
+        steps = plan(self.evolutions, history, self.fingerprints)
+        if steps and self._batch_fields is None:
+            self._batch_fields = (self.backend.read_storage_version() >= BATCH_FIELDS_VERSION)
+            if self._batch_fields:
+                return self._plan()
+        return steps
+
+    def _open_for_background(self, steps):
+        self._open(READY, 'every blocking evolution is applied: serving while %d background '
+                   'evolution(s) run: %s', len(steps), ', '.join(s.evolution_id for s in steps),
+                   key='background')
 
     def _database_answered(self):
         # Here, not in run(): a step that succeeds logs its own news (lock acquired...), and
@@ -229,6 +259,7 @@ class Runner:
                        'other connections are using, retrying at the next poll')
             return False
         self._storage = CURRENT
+        self._batch_fields = True
         return True
 
     def _retryable(self, step):
@@ -240,16 +271,29 @@ class Runner:
         return (evolution_id not in self._attempted
                 and self._failures_at_start.get(evolution_id) == record.attempts)
 
+    @staticmethod
+    def _paused(step):
+        record = step.record
+        return record is not None and record.state == PAUSED and record.requested != RESUME
+
     def _runnable(self, steps):
         runnable = []
         for step in steps:
-            if not self._retryable(step):
+            if self._paused(step) or not self._retryable(step):
                 break
             runnable.append(step)
         return runnable
 
     def _blocked(self, step):
+        if self._paused(step):
+            return self._paused_wait(step)
         record = step.record
+        if not step.blocking:
+            self._note(('blocked', step.evolution_id, record.attempts), logging.ERROR,
+                       'background evolution %r failed (%d attempts): serving without it until '
+                       'it is fixed and retried (restart, or gearbox evolve retry %s)',
+                       step.evolution_id, record.attempts, step.evolution_id)
+            return DONE if self.settings.on_failure == 'serve' else WAIT
         if self.settings.on_failure == 'serve':
             self._open(SERVING_AFTER_FAILURE,
                        'evolution %r failed (%d attempts); on_failure = serve: serving without it',
@@ -260,6 +304,20 @@ class Runner:
                    'evolution %r failed (%d attempts); on_failure = block: answering 503 until it '
                    'is fixed and retried (restart, or gearbox evolve retry %s)',
                    step.evolution_id, record.attempts, step.evolution_id)
+        return WAIT
+
+    def _paused_wait(self, step):
+        """A paused evolution waits for an operator's resume: polled at every poll_interval."""
+        by = step.record.owner
+        if step.blocking:
+            self.state.set_phase(PAUSED_PHASE)
+            self._note(('paused', step.evolution_id), logging.WARNING,
+                       'evolution %r is paused: answering 503 until it is resumed (gearbox '
+                       'evolve resume %s)', step.evolution_id, step.evolution_id)
+        else:
+            self._note(('paused', step.evolution_id), logging.INFO,
+                       'background evolution %r is paused (last run by %s): serving; it '
+                       'continues once resumed', step.evolution_id, by)
         return WAIT
 
     def _set_waiting(self, lock):
@@ -282,9 +340,10 @@ class Runner:
                    'evolutions pending, waiting for %s (lease expires in %.1f s)', holder,
                    lock.expires_in)
 
-    def _open(self, phase, message, *args):
+    def _open(self, phase, message, *args, key=None):
         self.state.set_phase(phase)
-        self._note((phase,), logging.WARNING if phase == SERVING_AFTER_FAILURE else logging.INFO,
+        self._note((key or phase,),
+                   logging.WARNING if phase == SERVING_AFTER_FAILURE else logging.INFO,
                    message, *args)
 
     def _note(self, key, level, message, *args):
@@ -306,12 +365,17 @@ class Runner:
                 return WAIT
             self._adopt_legacy(heartbeat)
             # Re-plan inside the lock: another process may have finished meanwhile.
-            history = self.backend.read_history()
-            for step in self._runnable(plan(self.evolutions, history, self.fingerprints)):
+            steps = self._plan()
+            blocking = {step.evolution_id for step in steps if step.blocking}
+            for step in self._runnable(steps):
                 if heartbeat.lost.is_set() or self._stop.is_set():
                     break
                 if not self._run_one(step, heartbeat):
                     break
+                blocking.discard(step.evolution_id)
+                left = [s for s in steps if s.evolution_id not in self.applied]
+                if not blocking and left and not self.state.open:
+                    self._open_for_background(left)
         finally:
             heartbeat.stop()
             if not heartbeat.lost.is_set():
@@ -348,13 +412,19 @@ class Runner:
     def _run_one(self, step, heartbeat):
         evolution = step.evolution
         evolution_id = step.evolution_id
-        fingerprint = self.fingerprints.get(evolution_id)
+        if step.record is not None and step.record.requested == PAUSE:
+            self.backend.record_paused(heartbeat.lease, evolution_id)
+            log.info('paused %r before it started, as an operator asked', evolution_id)
+            return False
         self.state.set_phase(EVOLVING)
-        self.state.progress = None  # the previous evolution's percentage is not this one's
+        self.state.progress = self.state.eta = None  # the previous evolution's are not this one's
         self._attempted.add(evolution_id)
+        evolution.config = self.config
+        if isinstance(evolution, BatchEvolution):
+            return self._run_batched(step, heartbeat)
+        fingerprint = self.fingerprints.get(evolution_id)
         running = self.backend.record_running(heartbeat.lease, evolution_id, fingerprint)
         log.info('evolving %r (%s, attempt %d)', evolution_id, step.reason, running.attempts)
-        evolution.config = self.config
         from .heartbeat import ProgressSink
         evolution._progress_sink = ProgressSink(evolution_id, heartbeat, self.state,
                                                 self.listener)
@@ -381,4 +451,18 @@ class Runner:
             self.listener.finished(evolution_id)
         self.applied.append(evolution_id)
         log.info('applied %r in %.0f ms', evolution_id, record.duration_ms or 0)
+        return True
+
+    def _run_batched(self, step, heartbeat):
+        from .batching import DONE as BATCHES_DONE, FAILED as BATCHES_FAILED, BatchedRun
+        run = BatchedRun(self, step, heartbeat)
+        try:
+            outcome = run.run()
+        finally:
+            self.listener.finished(step.evolution_id)
+        if outcome == BATCHES_FAILED:
+            self.failure = EvolutionFailed(step.evolution_id, run.error, self.applied)
+        if outcome != BATCHES_DONE:
+            return False
+        self.applied.append(step.evolution_id)
         return True

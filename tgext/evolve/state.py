@@ -10,6 +10,7 @@ EVOLVING = 'evolving'  # this process holds the lock and runs evolutions
 # An evolution failed and on_failure = block.  The value predates the name: it is what reports,
 # logs and ``gearbox evolve run`` ("still pending (failed)") have always shown.
 BLOCKED = 'failed'
+PAUSED = 'paused'  # an operator paused a blocking evolution: answering 503 until resumed
 MISCONFIGURED = 'misconfigured'  # depends_on names an id neither registered nor done
 READY = 'ready'  # nothing pending: serve
 SERVING_AFTER_FAILURE = 'serving-after-failure'  # an evolution failed and on_failure = serve
@@ -27,6 +28,7 @@ class GateState:
         self.open = False
         self.phase = STARTING
         self.progress = None  # percentage of the running evolution, when it reports one
+        self.eta = None  # seconds it has left, when a batched evolution knows its total
         # Path prefixes ('/evolve/') that reach the application while closed: where its status
         # page is mounted, found when the application is built.  Read only while closed.
         self.passthrough = ()
@@ -38,7 +40,7 @@ class GateState:
             return
         self.phase = phase
         if phase != EVOLVING:
-            self.progress = None
+            self.progress = self.eta = None
         if phase != STARTING:
             self._first_look.set()
         if phase in OPEN_PHASES:

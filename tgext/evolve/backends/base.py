@@ -31,9 +31,12 @@ the same methods.  Backends know nothing about HTTP, TurboGears requests or the 
 from __future__ import annotations
 
 import abc
-from typing import Callable, Iterable, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, NamedTuple, Optional
 
 from ..records import DEFAULT_LOCK_NAME, HistoryRecord, Lease, LegacyState, LockRecord
+
+if TYPE_CHECKING:  # the walkers are loaded by the backends that make them, when they do
+    from .walker import Walker
 
 #: The stores, named the same on every database.
 LOCK_TABLE = 'tgext_evolve_lock'
@@ -210,3 +213,60 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def delete_history(self, lease: Lease, evolution_ids: Iterable[str]) -> int:
         """Forget history records (``unmark``, ``retry``); return how many were deleted."""
+
+    # --- batched evolutions (storage version 3) ------------------------------------------------
+
+    @abc.abstractmethod
+    def walker(self, evolution_id: str, collection: Any) -> Walker:
+        """A :class:`~.walker.Walker` over what ``BatchEvolution.collection()`` returned,
+        through the application's session; ConfigurationError, naming the evolution, for a
+        collection that cannot be walked by key."""
+
+    @abc.abstractmethod
+    def in_session(self, work: Callable[[], Any]) -> Any:
+        """Run ``work()`` (reads through the application's session, such as a walker's
+        ``count()``) in a transaction of its own that is rolled back; return its result."""
+
+    @abc.abstractmethod
+    def record_batches_running(self, lease: Lease, evolution_id: str, batch_size: int,
+                               total: Optional[int],
+                               fingerprint: Optional[str] = None) -> HistoryRecord:
+        """:meth:`record_running` for a batched evolution, keeping its checkpoint.
+
+        ``state=running``, ``attempts+1``, owner and generation as :meth:`record_running`
+        writes them; but the checkpoint, the items and batches done are kept (a resumed
+        evolution continues from them); ``batch_size`` and ``progress_total`` are set only
+        where none is recorded yet; ``started_at`` only on the first attempt, so that the
+        duration spans the whole evolution; an operator's ``resume`` or ``retry`` request is
+        cleared (honoured).
+        """
+
+    @abc.abstractmethod
+    def run_batch(self, lease: Lease, evolution_id: str,
+                  work: Callable[[], BatchCheckpoint]) -> HistoryRecord:
+        """Run one batch's ``work()`` and commit it with its checkpoint.
+
+        ``work()`` returns the :class:`BatchCheckpoint` to record.  Its writes through the
+        application's session, the fencing check (which renews the lease) and the checkpoint
+        commit together where the database allows it (:attr:`atomic_apply`): a batch is then
+        never applied twice, whatever happens to this process.  The checkpoint adds the
+        batch's items to ``progress_done`` and one to ``batches_done``; an ``exhausted``
+        checkpoint records the evolution ``applied``; a pending ``pause`` request turns the
+        state to ``paused`` in the same write (and is cleared).  If ``work()`` raises its
+        writes are rolled back and the exception propagates; a failed fencing check raises
+        LeaseLost with everything rolled back.  Returns the record as committed.
+        """
+
+    @abc.abstractmethod
+    def record_paused(self, lease: Lease, evolution_id: str) -> HistoryRecord:
+        """Honour a ``pause`` request for an evolution that has not started (or is between
+        attempts): ``state=paused``, the request cleared, the checkpoint kept."""
+
+
+class BatchCheckpoint(NamedTuple):
+    """What one batch commits with its work: where the next batch starts, and how big it is."""
+    items: int  # items this batch processed
+    cursor: Optional[str]  # JSON text of the cursor after this batch (None: the start)
+    exhausted: bool  # nothing left: the evolution is applied with this batch
+    batch_size: int  # the size the next batch takes
+    rate: Optional[float]  # items per second, for the ETA (None: not measured yet)

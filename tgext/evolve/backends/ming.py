@@ -36,7 +36,7 @@ process.  It has no locking either (see ``_mim_lock``).
 import contextlib
 import threading
 import time
-from typing import Callable, Iterable, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional
 
 from ming import mim
 from ming.odm import ThreadLocalODMSession
@@ -48,6 +48,9 @@ from .. import logs, records
 from ..errors import LeaseLost
 from ..forking import after_fork_in_child
 from . import base
+
+if TYPE_CHECKING:
+    from .walker import Walker
 
 log = logs.backend
 
@@ -396,6 +399,91 @@ class MingBackend(base.Backend):
                                                 return_document=ReturnDocument.AFTER)
         return _history_record(doc)
 
+    # --- batched evolutions --------------------------------------------------------------------
+
+    def walker(self, evolution_id: str, collection: Any) -> 'Walker':
+        from .ming_walker import MingWalker
+        with self._guard():
+            return _GuardedWalker(MingWalker(evolution_id, collection, self.session),
+                                  self._guard)
+
+    def in_session(self, work: Callable[[], Any]) -> Any:
+        try:
+            return work()
+        finally:
+            if self.session is not None:
+                self._clear_session()
+
+    def record_batches_running(self, lease: records.Lease, evolution_id: str, batch_size: int,
+                               total: Optional[int],
+                               fingerprint: Optional[str] = None) -> records.HistoryRecord:
+        with self._guard():
+            now = time.time()
+            self._fence(lease, now)
+            doc = self._history.find_one({'_id': evolution_id}) or {}
+            resuming = bool(doc) and doc.get('state') not in records.DONE_STATES
+
+            def kept(name, otherwise):
+                value = doc.get(name) if resuming else None
+                return otherwise if value is None else value
+
+            return self._write_history(evolution_id, {
+                'state': records.RUNNING, 'started_at': kept('started_at', now),
+                'finished_at': None, 'duration_ms': None, 'error': None, 'progress_at': None,
+                'owner': lease.owner, 'generation': lease.generation, 'fingerprint': fingerprint,
+                'checkpoint': kept('checkpoint', None), 'rate': kept('rate', None),
+                'progress_done': kept('progress_done', 0),
+                'batches_done': kept('batches_done', 0),
+                'progress_total': kept('progress_total', total),
+                'batch_size': kept('batch_size', batch_size),
+                'requested': None, 'requested_by': None, 'requested_at': None},
+                count_attempt=True)
+
+    def run_batch(self, lease: records.Lease, evolution_id: str,
+                  work: Callable[[], base.BatchCheckpoint]) -> records.HistoryRecord:
+        # Fenced before the work too: a lease lost since the last batch starts nothing.
+        with self._guard():
+            self._fence(lease, time.time())
+        try:
+            checkpoint = work()
+            if self.session is not None:
+                self._flush_session()
+        finally:
+            if self.session is not None:
+                self._clear_session()  # unflushed changes of a failed batch must not leak
+        with self._guard():
+            return self._write_checkpoint(lease, evolution_id, checkpoint)
+
+    def _write_checkpoint(self, lease, evolution_id, checkpoint):
+        # At least once: the batch's writes are flushed, and a process that dies before this
+        # write leaves the checkpoint where it was, so the next holder does the batch again.
+        now = time.time()
+        self._fence(lease, now)
+        doc = self._history.find_one_and_update(
+            {'_id': evolution_id},
+            {'$set': {'checkpoint': checkpoint.cursor, 'batch_size': checkpoint.batch_size,
+                      'rate': checkpoint.rate, 'progress_at': now, 'owner': lease.owner,
+                      'generation': lease.generation},
+             '$inc': {'progress_done': checkpoint.items, 'batches_done': 1}},
+            return_document=ReturnDocument.AFTER)
+        if doc is None:
+            raise LookupError(f'no history record for {evolution_id!r}: record_batches_running '
+                              f'first')
+        if checkpoint.exhausted:
+            return self._finish(lease, evolution_id, {'state': records.APPLIED, 'error': None})
+        paused = self._history.find_one_and_update(
+            {'_id': evolution_id, 'requested': records.PAUSE},
+            {'$set': {'state': records.PAUSED, 'requested': None, 'finished_at': now}},
+            return_document=ReturnDocument.AFTER)
+        return _history_record(paused or doc)
+
+    def record_paused(self, lease: records.Lease, evolution_id: str) -> records.HistoryRecord:
+        with self._guard():
+            self._fence(lease, time.time())
+            return self._write_history(evolution_id, {
+                'state': records.PAUSED, 'requested': None, 'requested_by': None,
+                'requested_at': None, 'owner': lease.owner, 'generation': lease.generation})
+
     # --- the application's Ming session --------------------------------------------------------
 
     def _flush_session(self):
@@ -429,3 +517,25 @@ def _history_record(doc):
     fields = {key: doc[key] for key in _HISTORY_FIELDS if doc.get(key) is not None}
     fields['evolution_id'] = doc['_id']
     return records.HistoryRecord(**fields)
+
+
+class _GuardedWalker:
+    """A :class:`~.walker.Walker` whose every database call holds the backend's MIM guard (MIM is not
+    thread-safe; on MongoDB the guard is a no-op)."""
+
+    def __init__(self, walker, guard):
+        self._walker = walker
+        self._guard = guard
+        self.evolution_id = walker.evolution_id
+
+    def next_batch(self, cursor, size, upper=None):
+        with self._guard():
+            return self._walker.next_batch(cursor, size, upper)
+
+    def count(self):
+        with self._guard():
+            return self._walker.count()
+
+    def split(self, n):
+        with self._guard():
+            return self._walker.split(n)

@@ -20,8 +20,8 @@ from sqlalchemy.orm import scoped_session, sessionmaker
 from ..errors import LeaseLost
 from .. import forking, logs
 from ..records import (APPLIED, DEFAULT_LOCK_NAME, DONE_STATES, FAILED, HISTORY_BATCH_FIELDS,
-                       HISTORY_V1_FIELDS, RUNNING, HistoryRecord, Lease, LegacyState, LockRecord,
-                       require_done_state)
+                       HISTORY_V1_FIELDS, PAUSE, PAUSED, RUNNING, HistoryRecord, Lease,
+                       LegacyState, LockRecord, require_done_state)
 from .base import HISTORY_TABLE, LEGACY_TABLE, LOCK_TABLE, Backend
 from .sql_unprepared import unprepared, unprepared_engine
 
@@ -328,22 +328,22 @@ class SQLAlchemyBackend(Backend):
             on_insert=dict(attempts=1, started_at=now, duration_ms=0.0))
         return self._read_one(conn, evolution_id)
 
-    def apply(self, lease, evolution_id, work, fingerprint=None):
+    def _in_app_transaction(self, work, finish):
+        """``work()`` then ``finish(conn, result)`` in one transaction of the application's
+        session, committed together; rolled back (and the error raised) if either raises."""
         manager = transaction.manager  # thread-local: this thread's own transaction
         manager.begin()
         try:
             session = self.session()
             conn = session.connection(bind_arguments={'bind': self._session_engine})
             with _reading_from_master(session), self._impl.transaction_from_first_statement(conn):
-                work()
+                result = work()
             session.flush()
             # On the session's own connection to our engine: the same database transaction
             # as the work, even when the session also talks to other engines.
             conn = session.connection(bind_arguments={'bind': self._session_engine})
             with unprepared(conn):
-                self._fence(conn, lease)
-                record = self._record_finished(conn, lease, evolution_id, APPLIED, error=None,
-                                               fingerprint=fingerprint)
+                record = finish(conn, result)
             # Joins the session to the transaction if the app never registered it with
             # zope.sqlalchemy, and stops zope.sqlalchemy from rolling back a session that
             # only executed statements.
@@ -353,8 +353,18 @@ class SQLAlchemyBackend(Backend):
             manager.abort()
             raise
         finally:
+            # Also what keeps a long batched walk's memory flat: the objects of a batch go
+            # with its session.
             self.session.remove()
         return record
+
+    def apply(self, lease, evolution_id, work, fingerprint=None):
+        def finish(conn, _):
+            self._fence(conn, lease)
+            return self._record_finished(conn, lease, evolution_id, APPLIED, error=None,
+                                         fingerprint=fingerprint)
+
+        return self._in_app_transaction(work, finish)
 
     def record_failure(self, lease, evolution_id, error):
         with self.engine.begin() as conn:
@@ -397,3 +407,103 @@ class SQLAlchemyBackend(Backend):
             result = conn.execute(history_table.delete()
                                   .where(history_table.c.evolution_id.in_(ids)))
             return result.rowcount
+
+    # --- batched evolutions --------------------------------------------------------------------
+
+    def walker(self, evolution_id, collection):
+        from .sql_walker import SQLWalker
+        return SQLWalker(evolution_id, collection, self.session)
+
+    def in_session(self, work):
+        manager = transaction.manager
+        manager.begin()
+        try:
+            with _reading_from_master(self.session()):
+                return work()
+        finally:
+            manager.abort()
+            self.session.remove()
+
+    def record_batches_running(self, lease, evolution_id, batch_size, total, fingerprint=None):
+        from .sql_schema import db_now, history_table as h
+        now = db_now()
+        # An evolution that is not done resumes from its checkpoint; a done one that runs again
+        # (a repeatable evolution whose fingerprint changed) starts over.
+        resuming = h.c.state.notin_(DONE_STATES)
+
+        def kept(column, otherwise):
+            return sa.case((resuming, sa.func.coalesce(column, otherwise)), else_=otherwise)
+
+        with self.engine.begin() as conn:
+            self._fence(conn, lease)
+            # In this order, ``state`` last: MySQL evaluates SET assignments left to right,
+            # each seeing the ones before it, and the others must see the state before it.
+            updated = conn.execute(h.update().where(h.c.evolution_id == evolution_id)
+                                   .ordered_values(
+                (h.c.attempts, sa.func.coalesce(h.c.attempts, 0) + 1),
+                (h.c.started_at, kept(h.c.started_at, now)),
+                (h.c.checkpoint, sa.case((resuming, h.c.checkpoint), else_=None)),
+                (h.c.progress_done, kept(h.c.progress_done, 0)),
+                (h.c.batches_done, kept(h.c.batches_done, 0)),
+                (h.c.progress_total, kept(h.c.progress_total, total)),
+                (h.c.batch_size, kept(h.c.batch_size, batch_size)),
+                (h.c.rate, sa.case((resuming, h.c.rate), else_=None)),
+                (h.c.finished_at, None), (h.c.duration_ms, None), (h.c.error, None),
+                (h.c.progress_at, None), (h.c.fingerprint, fingerprint),
+                (h.c.owner, lease.owner), (h.c.generation, lease.generation),
+                (h.c.requested, None), (h.c.requested_by, None), (h.c.requested_at, None),
+                (h.c.state, RUNNING)))
+            if updated.rowcount == 0:
+                conn.execute(h.insert().values(
+                    evolution_id=evolution_id, state=RUNNING, attempts=1, started_at=now,
+                    owner=lease.owner, generation=lease.generation, fingerprint=fingerprint,
+                    progress_done=0, batches_done=0, progress_total=total,
+                    batch_size=batch_size))
+            return self._read_one(conn, evolution_id)
+
+    def run_batch(self, lease, evolution_id, work):
+        def finish(conn, checkpoint):
+            self._fence(conn, lease)
+            self._write_checkpoint(conn, lease, evolution_id, checkpoint)
+            return self._read_one(conn, evolution_id)
+
+        return self._in_app_transaction(work, finish)
+
+    def _write_checkpoint(self, conn, lease, evolution_id, checkpoint):
+        from .sql_schema import db_now, history_table as h
+        now = db_now()
+        pausing = h.c.requested == PAUSE
+        if checkpoint.exhausted:
+            state, stops = sa.literal(APPLIED), sa.true()
+        else:
+            state = sa.case((pausing, sa.literal(PAUSED)), else_=h.c.state)
+            stops = pausing
+        # In this order: MySQL evaluates SET assignments left to right, each seeing the ones
+        # before it, and ``state`` must see the request before it is cleared.
+        result = conn.execute(h.update().where(h.c.evolution_id == evolution_id).ordered_values(
+            (h.c.state, state),
+            (h.c.finished_at, sa.case((stops, now), else_=None)),
+            (h.c.duration_ms, sa.case((stops, (now - h.c.started_at) * 1000.0), else_=None)),
+            (h.c.progress_done, sa.func.coalesce(h.c.progress_done, 0) + checkpoint.items),
+            (h.c.progress_at, now),
+            (h.c.checkpoint, checkpoint.cursor),
+            (h.c.batches_done, sa.func.coalesce(h.c.batches_done, 0) + 1),
+            (h.c.batch_size, checkpoint.batch_size),
+            (h.c.rate, checkpoint.rate),
+            (h.c.requested, sa.case((pausing, None), else_=h.c.requested)),
+            (h.c.owner, lease.owner),
+            (h.c.generation, lease.generation),
+        ))
+        if result.rowcount != 1:
+            raise LookupError(f'no history record for {evolution_id!r}: record_batches_running '
+                              f'first')
+
+    def record_paused(self, lease, evolution_id):
+        from .sql_schema import history_table as h
+        with self.engine.begin() as conn:
+            self._fence(conn, lease)
+            self._upsert_history(conn, evolution_id, dict(
+                state=PAUSED, requested=None, requested_by=None, requested_at=None,
+                owner=lease.owner, generation=lease.generation),
+                on_insert=dict(attempts=0))
+            return self._read_one(conn, evolution_id)
