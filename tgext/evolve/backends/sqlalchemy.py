@@ -499,7 +499,6 @@ class SQLAlchemyBackend(Backend):
                               f'first')
 
     def record_paused(self, lease, evolution_id):
-        from .sql_schema import history_table as h
         with self.engine.begin() as conn:
             self._fence(conn, lease)
             self._upsert_history(conn, evolution_id, dict(
