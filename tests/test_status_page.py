@@ -272,8 +272,12 @@ def test_retry_through_the_page_runs_the_evolution_again_and_names_the_operator(
     assert 'Cleared the failed state of convert (1 attempt, last: RuntimeError' in said(done)
     app.wait_until_serving()
     record = app.history()['convert']
-    assert (record.state, record.attempts, convert.calls) == ('applied', 1, 2)
+    # The record kept counting: the failed attempt and the retry's.
+    assert (record.state, record.attempts, convert.calls) == ('applied', 2, 2)
     assert app.model.notes() == ['convert', 'seed']
+    trail = [(e.action, e.actor) for e in app.service.backend.read_audit('convert')]
+    assert [action for action, _ in trail] == ['started', 'failed', 'retry', 'started', 'applied']
+    assert trail[2][1] == f'{OPERATOR} via the status page'
     audit = [r.getMessage() for r in caplog.records if 'failed state cleared by' in r.getMessage()]
     assert len(audit) == 1 and f'(user {OPERATOR} via the status page)' in audit[0], audit
     # The same form again: a replay.  Refused, and nothing changes.

@@ -155,7 +155,7 @@ def test_an_operator_watches_an_evolution_apply_without_reloading_then_retries_a
                       'the summary settled')
 
     record = deployed.new.history()['convert_currencies']
-    assert (record.state, record.attempts, convert.calls) == ('applied', 1, 2)
+    assert (record.state, record.attempts, convert.calls) == ('applied', 2, 2)
     assert deployed.model.notes() == ['backfill_slugs', 'convert_currencies', 'retired_cleanup',
                                       'seed']
     audit = [r.getMessage() for r in caplog.records if 'failed state cleared by' in r.getMessage()]
