@@ -492,6 +492,10 @@ def _run(service, opts):
         return EXIT_NOT_SETTLED
     _say_applied(result.applied)
     _report(opts, changed=result.applied)
+    if result.paused is not None:
+        _error(f'{result.paused} is paused: nothing after it runs until gearbox evolve resume '
+               f'{result.paused}')
+        return EXIT_NOT_SETTLED
     if result.ok:
         if not result.applied:
             _say(f'nothing to do: all {len(service.evolutions)} evolutions are applied')

@@ -249,10 +249,11 @@ def _while_another_holds_the_lock(service, attempt, on_wait, timeout):
 class RunResult:
     applied: tuple  # ids applied by this run, in order
     phase: str  # the runner's final phase
+    paused: Optional[str] = None  # the paused evolution the run stopped at
 
     @property
     def ok(self):
-        return self.phase == READY
+        return self.phase == READY and self.paused is None
 
 
 def run(service, *, listener=None, on_wait=None, timeout=None):
@@ -262,7 +263,8 @@ def run(service, *, listener=None, on_wait=None, timeout=None):
     on every poll while another process holds the lock; after ``timeout`` seconds of waiting
     :class:`LockWaitTimeout` is raised.  Unlike the thread, a database error is raised at once
     and a failed evolution ends the run with :class:`~.errors.EvolutionFailed` (with
-    ``on_failure = block`` the thread would wait).  A ``depends_on`` naming an evolution neither
+    ``on_failure = block`` the thread would wait), and a paused evolution ends it too
+    (``RunResult.paused``: the thread would wait for its resume).  A ``depends_on`` naming an evolution neither
     registered nor done raises :class:`~.errors.ConfigurationError` before anything runs.
     """
     plan(service)  # raises the ConfigurationError the runner would only log
@@ -275,12 +277,14 @@ def run(service, *, listener=None, on_wait=None, timeout=None):
             outcome = runner.step()
         if outcome == DONE or runner.state.phase in (BLOCKED, MISCONFIGURED):
             return outcome
+        if runner.paused is not None:  # waits for an operator's resume: not for this run
+            return outcome
         return None
 
     _while_another_holds_the_lock(service, attempt, on_wait, timeout)
     if runner.failure is not None:
         raise runner.failure
-    return RunResult(tuple(runner.applied), runner.state.phase)
+    return RunResult(tuple(runner.applied), runner.state.phase, runner.paused)
 
 
 # --- fenced writes -------------------------------------------------------------------------------
@@ -466,14 +470,22 @@ def _evolution(service, evolution_id, verb):
                            f'check the spelling (gearbox evolve status lists them)')
 
 
+#: How long pause and resume wait for the lock when tgext.evolve's storage must be upgraded
+#: first (a new database, or one an older release wrote).
+UPGRADE_LOCK_WAIT = 30.0
+
+
 def _current(service, evolution_id, verb):
     """``(EvolutionStatus, blocking)`` of a registered evolution, on storage that has the
-    operators' requests."""
+    operators' requests (upgraded under the lock first if it has not)."""
     if not _has_requests(service):
-        raise OperationRefused(
-            f'{verb}: tgext.evolve\'s storage is older than pause and resume; it is upgraded '
-            f'by the first process of this release that takes the lock (gearbox evolve run, '
-            f'or a start)')
+        try:
+            with _holding_lock(service, None, UPGRADE_LOCK_WAIT):
+                pass
+        except LockWaitTimeout as e:
+            raise OperationRefused(
+                f'{verb}: tgext.evolve\'s storage must be upgraded first, by the holder of '
+                f'the lock ({e}); try again') from None
     entry = {e.evolution_id: e for e in status(service).evolutions}[evolution_id]
     history, _ = _read(service)
     steps = plan_steps(service.evolutions, history,

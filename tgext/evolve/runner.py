@@ -90,6 +90,7 @@ class Runner:
         self._storage = None  # CREATED once ensure_storage() ran, CURRENT once upgraded
         self._batch_fields = None  # whether the history has them: known once something is pending
         self._failures_at_start = None
+        self.paused = None  # the paused evolution the last step stopped at, if any
         self._attempted = set()
         self._waiting = False
         self._last_note = None
@@ -164,6 +165,7 @@ class Runner:
             return WAIT
 
     def _step(self):
+        self.paused = None
         if self._waiting:
             # While another process holds a live lease, one indexed read per poll is enough.
             lock = self.backend.read_lock(self.lock_name)
@@ -316,6 +318,7 @@ class Runner:
     def _paused_wait(self, step):
         """A paused evolution waits for an operator's resume: polled at every poll_interval."""
         by = step.record.owner
+        self.paused = step.evolution_id
         if step.blocking:
             self.state.set_phase(PAUSED_PHASE)
             self._note(('paused', step.evolution_id), logging.WARNING,
