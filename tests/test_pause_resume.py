@@ -8,51 +8,17 @@ timing.  MIM is not thread-safe: the test thread reads through the application's
 (which serialises its MIM calls) and reads the notes only once the evolution thread is idle.
 """
 import socket
-import threading
 
 import pytest
 
-from polling import DEADLINE, wait_until
+from polling import wait_until
 from tgapps import NoteEvolution, database_url, tg_apps  # noqa: F401 (fixtures)
-from tgext.evolve import BatchEvolution, operations
+from stepped import Stepped
+from tgext.evolve import operations
 from tgext.evolve.errors import OperationRefused
 from tgext.evolve.records import APPLIED, FAILED, PAUSE, PAUSED, RESUME
 
 STYLE = ('fullstack', 'plugme')
-
-
-class Stepped(BatchEvolution):
-    """``total`` items, one per batch, each a note ``<id>-<n>``; every batch waits for a
-    permit from :attr:`permits`; with ``fail_at``, item ``fail_at`` raises until ``fixed``."""
-
-    batch_size = max_batch_size = 1
-
-    def __init__(self, evolution_id, model, total=6, fail_at=None, background=False):
-        self.evolution_id = evolution_id
-        self.model = model
-        self.total = total
-        self.fail_at = fail_at
-        self.background = background
-        self.permits = threading.Semaphore(0)
-        self.fixed = threading.Event()
-
-    def count(self):
-        return self.total
-
-    def batch(self, cursor, size):
-        done = cursor or 0
-        if done >= self.total:
-            return None
-        if not self.permits.acquire(timeout=DEADLINE):
-            raise RuntimeError(f'{self.evolution_id}: no permit for item {done}')
-        if done == self.fail_at and not self.fixed.is_set():
-            raise RuntimeError(f'{self.evolution_id} cannot convert item {done}')
-        self.model.add_note(f'{self.evolution_id}-{done}')
-        return done + 1
-
-    def allow(self, n):
-        for _ in range(n):
-            self.permits.release()
 
 
 def record(app, evolution_id):

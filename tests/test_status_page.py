@@ -348,7 +348,7 @@ def test_unknown_ids_actions_and_evolutions_that_are_not_failed_get_a_clear_mess
         (signed('retry', 'seed', history['seed']), 409,
          'Nothing was changed: seed is applied; retry is only possible while it is failed'),
         (signed('explode', 'convert', history['convert']), 400,
-         "Nothing was changed: there is no action 'explode' (the page offers: retry)"),
+         "Nothing was changed: there is no action 'explode' (the page offers: retry, pause, resume)"),
     ]
     before = app.history()
     for fields, status, message in cases:
