@@ -182,3 +182,32 @@ def test_unmark_forgets_the_record_and_the_audit_keeps_what_it_said(tg_apps, dat
     assert entries[-1].actor == 'root' and entries[-1].detail.startswith('was applied, 1 attempt')
     operations.mark(app.service, ['seed'], operator='root')
     assert trail(app, 'seed')[-1] == 'mark'
+
+
+@pytest.mark.parametrize('database_url', ['sqlite', 'postgresql', 'mysql'], indirect=True)
+def test_a_process_of_the_next_start_resumes_what_a_stopped_one_paused(tg_apps, database_url):
+    """The process that paused is gone; another one, started later, waits behind the closed
+    gate until the resume, then continues from the checkpoint (SQL: MIM is per process)."""
+    model = tg_apps.model(database_url)
+    before = Stepped('backfill', model, total=5)
+    first = tg_apps.build(STYLE, model, [before])
+    before.allow(2)
+    wait_for(first, 'backfill', 'at 2 items', lambda r: r.progress_done == 2)
+    operations.pause(first.service, 'backfill')
+    before.allow(1)
+    wait_for(first, 'backfill', 'paused', lambda r: r.state == PAUSED)
+    first.stop()
+
+    after = Stepped('backfill', model, total=5)
+    second = tg_apps.build(STYLE, model, [after])
+    second.wait_for_phase('paused')
+    after.allow(5)
+    assert second.request('/').status_int == 503
+    operations.resume(second.service, 'backfill', operator='olivia')
+    second.wait_until_serving()
+    done = record(second, 'backfill')
+    assert (done.state, done.progress_done, done.attempts) == (APPLIED, 5, 2)
+    assert model.notes() == [f'backfill-{n}' for n in range(5)]
+    owners = {e.actor for e in operations.audit(second.service, 'backfill')
+              if e.action in ('started', 'applied')}
+    assert owners == {first.service.runner.owner, second.service.runner.owner}
