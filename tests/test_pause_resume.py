@@ -47,6 +47,8 @@ def test_a_batched_evolution_pauses_at_a_batch_boundary_and_resumes_from_its_che
     assert (paused.record.requested, paused.record.requested_by) == (PAUSE, 'olivia')
     with pytest.raises(OperationRefused, match='already asked for by olivia'):
         operations.pause(app.service, 'backfill')
+    entry, = [e for e in operations.status(app.service).evolutions if e.evolution_id == 'backfill']
+    assert entry.reason.endswith('; pause asked by olivia: it stops at its next batch boundary')
 
     backfill.allow(1)  # the batch under way when the pause came commits, then it stops
     stopped = wait_for(app, 'backfill', 'paused', lambda r: r.state == PAUSED)

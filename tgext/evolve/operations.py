@@ -164,6 +164,9 @@ def status(service):
         running_now = _running_now(record, lock)
         if running_now:
             reason = f'running now, by {record.owner}'
+            if record.requested == PAUSE:
+                reason += (f'; pause asked by {record.requested_by}: it stops at its next batch '
+                           f'boundary')
         if record is None or (reason is not None and record.state not in (FAILED, RUNNING,
                                                                           PAUSED)):
             state = PENDING
