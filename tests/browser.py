@@ -161,6 +161,8 @@ class Browser:
             except WebDriverError as e:
                 if e.error in ('no such element', 'stale element reference', 'no such alert'):
                     return False
+                if 'does not belong to the document' in str(e):
+                    return False  # read while a form's answer replaced the page: look again
                 raise
         return polling.wait_until(attempt, what, timeout or self.timeout, 0.05)
 

@@ -272,8 +272,12 @@ def test_retry_through_the_page_runs_the_evolution_again_and_names_the_operator(
     assert 'Cleared the failed state of convert (1 attempt, last: RuntimeError' in said(done)
     app.wait_until_serving()
     record = app.history()['convert']
-    assert (record.state, record.attempts, convert.calls) == ('applied', 1, 2)
+    # The record kept counting: the failed attempt and the retry's.
+    assert (record.state, record.attempts, convert.calls) == ('applied', 2, 2)
     assert app.model.notes() == ['convert', 'seed']
+    trail = [(e.action, e.actor) for e in app.service.backend.read_audit('convert')]
+    assert [action for action, _ in trail] == ['started', 'failed', 'retry', 'started', 'applied']
+    assert trail[2][1] == f'{OPERATOR} via the status page'
     audit = [r.getMessage() for r in caplog.records if 'failed state cleared by' in r.getMessage()]
     assert len(audit) == 1 and f'(user {OPERATOR} via the status page)' in audit[0], audit
     # The same form again: a replay.  Refused, and nothing changes.
@@ -344,7 +348,7 @@ def test_unknown_ids_actions_and_evolutions_that_are_not_failed_get_a_clear_mess
         (signed('retry', 'seed', history['seed']), 409,
          'Nothing was changed: seed is applied; retry is only possible while it is failed'),
         (signed('explode', 'convert', history['convert']), 400,
-         "Nothing was changed: there is no action 'explode' (the page offers: retry)"),
+         "Nothing was changed: there is no action 'explode' (the page offers: retry, pause, resume)"),
     ]
     before = app.history()
     for fields, status, message in cases:

@@ -7,12 +7,14 @@ release's process starts behind its closed gate.  Both share the database and th
 and a browser's cookies for 127.0.0.1 go to every port, so the operator is signed in on both.
 
 ``TGEXT_EVOLVE_SCREENSHOTS=docs`` also saves the page mid-evolution as ``docs/status-page.png``
-(README shows it); every run saves it in the test's temporary directory.
+and, with a batched evolution's bar and ETA, ``docs/status-page-batched.png`` (README shows
+them); every run saves them in the test's temporary directory.
 """
 import html
 import logging
 import os
 import pathlib
+import re
 import shutil
 import struct
 
@@ -20,7 +22,9 @@ import pytest
 
 import browser as browsers
 from statuspages import NOBODY, OPERATOR, PASSWORDS, FailsUntilFixed, page_apps  # noqa: F401
+from stepped import Stepped
 from tgapps import NoteEvolution, tg_apps  # noqa: F401 (fixture)
+from tgext.evolve import operations
 from tgext.evolve.status_page import csrf
 
 pytestmark = [pytest.mark.slow, pytest.mark.parametrize('sql_url', ['sqlite'], indirect=True)]
@@ -91,15 +95,15 @@ def wait_for_state(chromium, evolution_id, state):
                       f'{evolution_id} shown {state}')
 
 
-def save_screenshot(png, tmp_path):
+def save_screenshot(png, tmp_path, name='status-page.png'):
     assert png[:8] == b'\x89PNG\r\n\x1a\n'
     width, height = struct.unpack('>II', png[16:24])
     assert (width, height) >= (1000, 600), (width, height)
-    (tmp_path / 'status-page.png').write_bytes(png)
+    (tmp_path / name).write_bytes(png)
     if SCREENSHOTS:
         target = pathlib.Path(SCREENSHOTS)
         target.mkdir(parents=True, exist_ok=True)
-        shutil.copy(tmp_path / 'status-page.png', target / 'status-page.png')
+        shutil.copy(tmp_path / name, target / name)
 
 
 def test_an_operator_watches_an_evolution_apply_without_reloading_then_retries_a_failure(
@@ -155,7 +159,7 @@ def test_an_operator_watches_an_evolution_apply_without_reloading_then_retries_a
                       'the summary settled')
 
     record = deployed.new.history()['convert_currencies']
-    assert (record.state, record.attempts, convert.calls) == ('applied', 1, 2)
+    assert (record.state, record.attempts, convert.calls) == ('applied', 2, 2)
     assert deployed.model.notes() == ['backfill_slugs', 'convert_currencies', 'retired_cleanup',
                                       'seed']
     audit = [r.getMessage() for r in caplog.records if 'failed state cleared by' in r.getMessage()]
@@ -249,3 +253,80 @@ def test_missing_forged_replayed_and_misdirected_forms_change_nothing_and_say_wh
     post(fields, 'convert_currencies changed since this page showed it')
     assert convert.calls == 2
     assert html.unescape(chromium.source).count('Nothing was changed') == 1
+
+
+def progress_shown(chromium, evolution_id):
+    """``(done, eta_seconds or None, bar width %)`` as the page shows them now."""
+    text = chromium.text(f'{row(evolution_id)} .progress-text')
+    done = re.match(r'(\d+)/', text)
+    eta = re.search(r'ETA (\d+) s', text)
+    width = chromium.run(f'return document.querySelector(\'{row(evolution_id)} .bar span\')'
+                         f'.style.width')
+    return (int(done.group(1)) if done else None, int(eta.group(1)) if eta else None,
+            float(width.rstrip('%') or 0))
+
+
+def test_an_operator_watches_a_batched_evolution_pauses_it_and_resumes_it(
+        release, page_apps, chromium, tmp_path):
+    backfill = None
+
+    def new_evolutions(model):
+        nonlocal backfill
+        backfill = Stepped('backfill_slugs', model, total=200, seconds_per_item=0.1)
+        return [backfill]
+
+    deployed = release(new_evolutions)
+    log_in(chromium, deployed.old_server, OPERATOR)
+    chromium.get(f'{deployed.new_server.url}/evolve/')
+    wait_for_state(chromium, 'backfill_slugs', 'running')
+
+    # The bar moves and the ETA falls, without reloading the page.
+    first = chromium.wait_for(lambda: (lambda p: p if p[1] is not None else None)(
+        progress_shown(chromium, 'backfill_slugs')), 'an ETA shown')
+    later = chromium.wait_for(lambda: (lambda p: p if p[0] > first[0] and p[1] < first[1]
+                                       and p[2] > first[2] else None)(
+        progress_shown(chromium, 'backfill_slugs')), 'the bar moving and the ETA falling')
+    assert later[0] < 200
+    save_screenshot(chromium.screenshot(), tmp_path, 'status-page-batched.png')
+
+    chromium.click(f'{row("backfill_slugs")} form[data-action=pause] button')
+    chromium.wait_for(lambda: chromium.alert_text().startswith(
+        'Pause evolution backfill_slugs?'), 'the confirmation')
+    chromium.accept_alert()
+    chromium.wait_for(lambda: chromium.url.endswith('/evolve/act'), 'the form posted')
+    assert chromium.text('p.message-ok').startswith(
+        'Pause of backfill_slugs requested: it stops at its next batch boundary')
+    wait_for_state(chromium, 'backfill_slugs', 'paused')
+
+    # Stopped: the page and the database agree, and stay so while the page refreshes.
+    record = deployed.new.service.backend.read_history(batches=True)['backfill_slugs']
+    committed = [n for n in deployed.model.notes() if n.startswith('backfill_slugs-')]
+    assert record.progress_done == record.batches_done == len(committed) < 200
+    for _ in range(3):
+        before = chromium.text('[data-field=updated]')
+        chromium.wait_for(lambda: chromium.text('[data-field=updated]') != before, 'a refresh')
+    assert progress_shown(chromium, 'backfill_slugs')[0] == record.progress_done
+    again = deployed.new.service.backend.read_history(batches=True)['backfill_slugs']
+    assert (again.state, again.progress_done, again.batches_done) == (
+        'paused', record.progress_done, record.batches_done)
+
+    backfill.seconds_per_item = 0.002  # the rest goes quickly: this test has seen it run
+    chromium.click(f'{row("backfill_slugs")} form[data-action=resume] button')
+    chromium.wait_for(lambda: chromium.alert_text().startswith(
+        'Resume evolution backfill_slugs?'), 'the confirmation')
+    chromium.accept_alert()
+    chromium.wait_for(lambda: chromium.text('p.message-ok').startswith(
+        'Resume of backfill_slugs requested'), 'the resume posted')
+    wait_for_state(chromium, 'backfill_slugs', 'applied')
+    chromium.wait_for(lambda: '(nothing to do)' in chromium.text('[data-field=summary]'),
+                      'the summary settled')
+
+    done = deployed.new.service.backend.read_history(batches=True)['backfill_slugs']
+    assert (done.state, done.progress_done) == ('applied', 200)
+    assert sorted(n for n in deployed.model.notes() if n.startswith('backfill_slugs-')) == sorted(
+        f'backfill_slugs-{n}' for n in range(200))
+    who = [(e.action, e.actor) for e in operations.audit(deployed.new.service, 'backfill_slugs')
+           if e.action in ('pause', 'resume')]
+    assert who == [('pause', f'{OPERATOR} via the status page'),
+                   ('resume', f'{OPERATOR} via the status page')]
+    deployed.new.wait_until_serving()

@@ -15,7 +15,7 @@ from . import logs
 from .cursors import check_user_cursor
 from .errors import ConfigurationError, LeaseLost
 from .backends.base import BatchCheckpoint
-from .records import APPLIED, PAUSED
+from .records import APPLIED, PAUSED, STARTED
 
 log = logs.runner
 
@@ -136,6 +136,17 @@ LOST = 'lost'  # the lease was lost: another process resumes from the checkpoint
 STOPPED = 'stopped'  # this process is stopping: the next holder resumes from the checkpoint
 
 
+#: The audit trail's detail of each way a batched attempt ends (FAILED has its traceback).
+_OUTCOME_NOTES = {
+    DONE: 'attempt {attempt}: {done} items in {batches} batches',
+    STOPPED_PAUSED: 'at a batch boundary: {done} items in {batches} batches, checkpoint kept',
+    LOST: 'the lock was lost: {done} items in {batches} batches committed, the next holder '
+          'resumes',
+    STOPPED: 'this process stopped: {done} items in {batches} batches committed, the next '
+             'holder resumes',
+}
+
+
 class BatchedRun:
     """One attempt at a :class:`~.evolution.BatchEvolution`, batch after batch, under a lease.
 
@@ -155,6 +166,8 @@ class BatchedRun:
         self.step = step
         self.heartbeat = heartbeat
         self.fingerprint = runner.fingerprints.get(self.evolution_id)
+        self.audit = runner._audit
+        self.attempt = self.done = self.batches = 0  # for the audit trail
         self.throttle = 0.0 if step.blocking else self.settings.throttle
         self._logged_at = 0.0
         self.error = None  # the traceback text recorded when the run failed
@@ -179,7 +192,14 @@ class BatchedRun:
             return LOST
         log.info('evolving %r in batches (%s, attempt %d)%s', self.evolution_id,
                  self.step.reason, record.attempts, _resume_note(record))
-        return self._batches(walker, record)
+        self.attempt = record.attempts
+        self.audit(self.evolution_id, STARTED,
+                   f'attempt {record.attempts}: {self.step.reason}{_resume_note(record)}')
+        outcome = self._batches(walker, record)
+        if outcome != FAILED:  # _fail() wrote its own, with the traceback
+            self.audit(self.evolution_id, outcome, _OUTCOME_NOTES[outcome].format(
+                attempt=record.attempts, done=self.done, batches=self.batches))
+        return outcome
 
     def _walker(self):
         if self.evolution.walks:
@@ -202,6 +222,7 @@ class BatchedRun:
                            self.settings.batch_seconds, self.evolution.max_batch_size)
         cursor = load_cursor(record.checkpoint)
         done, total, rate = record.progress_done or 0, record.progress_total, record.rate
+        self.done, self.batches = done, record.batches_done or 0
         failures = 0
         since = time.monotonic()
         while True:
@@ -236,6 +257,7 @@ class BatchedRun:
             self.heartbeat.note_renewed()  # the batch's fencing check renewed the lease
             failures = 0
             cursor, done, rate = work.cursor, record.progress_done or 0, record.rate
+            self.done, self.batches = done, record.batches_done or 0
             since = time.monotonic()
             self._report(done, total, rate)
             if record.state == APPLIED:
@@ -275,6 +297,8 @@ class BatchedRun:
     def _fail(self, error):
         self.error = error
         self.backend.record_failure(self.heartbeat.lease, self.evolution_id, error)
+        self.audit(self.evolution_id, FAILED, f'attempt {self.attempt}, '
+                                              f'checkpoint kept', error)
         log.error('evolution %r failed; its last batch was rolled back, its checkpoint kept:'
                   '\n%s', self.evolution_id, error.rstrip())
         return FAILED

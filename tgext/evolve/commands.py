@@ -5,7 +5,9 @@ Results go to stdout, log lines (the ``tgext.evolve`` logger, configured by gear
 to stderr.
 """
 import argparse
+import contextlib
 import datetime
+import io
 import json
 import sys
 import time
@@ -18,7 +20,7 @@ from .records import FAILED
 from .runner import RunListener
 from .status_document import error_summary as _error_summary, lock_document as _lock_json
 from .status_document import progress_document as _progress, record_fields, status_document
-from .status_document import recorded_progress as _recorded_progress
+from .status_document import iso as _iso, recorded_progress as _recorded_progress
 
 log = logs.cli
 
@@ -77,13 +79,26 @@ class EvolveCommand(Command):
         history.add_argument('--json', action='store_true', help='machine-readable output')
         plan = verb('plan', 'what run would do, in order, and why')
         plan.add_argument('--json', action='store_true', help='machine-readable output')
-        waits(verb('run', 'run the pending evolutions here, in the foreground'))
-        takes_ids(verb('mark', 'record evolutions as applied without running them'),
+        def reports(sub):
+            sub.add_argument('--json', action='store_true',
+                             help='print what was done as JSON (see README: "--json of the '
+                                  'verbs that change state")')
+            return sub
+
+        waits(reports(verb('run', 'run the pending evolutions here, in the foreground')))
+        takes_ids(reports(verb('mark', 'record evolutions as applied without running them')),
                   'also record ids no registered evolution has')
-        takes_ids(verb('unmark', 'forget evolutions, so that the next run runs them'),
+        takes_ids(reports(verb('unmark', 'forget evolutions, so that the next run runs them')),
                   'also forget ids no registered evolution has')
-        takes_ids(verb('retry', 'clear a failed state, so that the next run retries it'), None)
-        verb('release-lock', 'release the lock of a process that is gone').add_argument(
+        takes_ids(reports(verb('retry', 'run a failed evolution again (a batched one from its '
+                                        'checkpoint)')), None)
+        for name, help_text in (
+                ('pause', 'pause an evolution: a batched one at its next batch boundary, one '
+                          'that has not started before it starts'),
+                ('resume', 'continue a paused evolution from its checkpoint')):
+            reports(verb(name, help_text)).add_argument('id', metavar='ID',
+                                                        help='evolution id')
+        reports(verb('release-lock', 'release the lock of a process that is gone')).add_argument(
             '--force', action='store_true',
             help='break the lock even while its lease is valid (recorded with your name)')
         usages = ''.join('  ' + sub.format_usage()[len('usage: '):]
@@ -92,6 +107,25 @@ class EvolveCommand(Command):
         return parser
 
     def take_action(self, opts):
+        if getattr(opts, 'json', False) and opts.verb in WRITE_VERBS:
+            return self._reporting_json(opts)
+        return self._take_action(opts)
+
+    def _reporting_json(self, opts):
+        """Run the verb with its text output captured, and print the write report instead."""
+        global _captured_errors
+        lines, _captured_errors = io.StringIO(), []
+        opts.report = {}
+        try:
+            with contextlib.redirect_stdout(lines):
+                exit_code = self._take_action(opts)
+        finally:
+            errors, _captured_errors = _captured_errors, None
+        _print_json(write_report(opts.verb, exit_code, lines.getvalue().splitlines(), errors,
+                                 **opts.report))
+        return exit_code
+
+    def _take_action(self, opts):
         try:
             service = operations.load_service(opts.config_file, opts.app_name)
             return _VERBS[opts.verb](service, opts)
@@ -118,8 +152,43 @@ def _say(*lines):
         print(line, flush=True)
 
 
+#: While a verb reports as JSON: the errors it printed, for the report's ``error``.
+_captured_errors = None
+
+
 def _error(message):
+    if _captured_errors is not None:
+        _captured_errors.append(str(message))
     print(f'gearbox evolve: {message}', file=sys.stderr, flush=True)
+
+
+#: The verbs that change state, and so take ``--json`` for :func:`write_report`.
+WRITE_VERBS = ('run', 'mark', 'unmark', 'retry', 'pause', 'resume', 'release-lock')
+
+
+def write_report(verb, exit_code, messages, errors, *, changed=(), unchanged=(), gate=None,
+                 lock=None):
+    """The one JSON document every verb that changes state prints with ``--json``.
+
+    ``ok``: the verb did what it was asked (exit code 0).  ``changed``: the ids whose history
+    it changed or asked something of (``run``: those it applied); ``unchanged``: the ids it
+    was given and left as they were.  ``gate``: for ``pause``, ``"closed"`` when the paused
+    evolution is blocking (every process answers 503 until it is resumed), ``"open"`` for a
+    background one; otherwise None.  ``lock``: for ``release-lock``, the lock as it was
+    before.  ``messages``: the text output, line by line; ``error``: why it was refused or
+    failed, else None.
+    """
+    return {'verb': verb, 'ok': exit_code == EXIT_OK, 'exit_code': exit_code,
+            'changed': list(changed), 'unchanged': list(unchanged), 'gate': gate,
+            'lock': _lock_json(lock) if lock is not None else None,
+            'messages': messages, 'error': '; '.join(errors) if errors else None}
+
+
+def _report(opts, **fields):
+    """What the JSON report of this verb says (nothing without --json)."""
+    report = getattr(opts, 'report', None)
+    if report is not None:
+        report.update(fields)
 
 
 def _when(timestamp):
@@ -217,15 +286,38 @@ def _history_detail(record, registered):
     return lines
 
 
+def _audit_json(entry):
+    return {'at': _iso(entry.at), 'action': entry.action, 'actor': entry.actor,
+            'host': entry.host, 'detail': entry.detail, 'error': entry.error}
+
+
+def _audit_lines(entries):
+    if not entries:
+        return ['  audit:       nothing recorded']
+    lines = ['  audit:']
+    width = max(len(entry.action) for entry in entries)
+    for entry in entries:
+        detail = f': {entry.detail}' if entry.detail else ''
+        lines.append(f'    {_when(entry.at)}  {entry.action:<{width}}  by {entry.actor} on '
+                     f'{entry.host}{detail}')
+        if entry.error:
+            lines.extend(f'      {line}' for line in entry.error.rstrip().splitlines())
+    return lines
+
+
 def _history(service, opts):
     rows = operations.history(service, opts.ids)
+    trails = {r.evolution_id: operations.audit(service, r.evolution_id)
+              for r, _ in rows} if opts.ids else {}
     if opts.json:
         _print_json([dict({'id': r.evolution_id, 'registered': registered, 'state': r.state},
-                          **record_fields(r), traceback=r.error, fingerprint=r.fingerprint)
+                          **record_fields(r), traceback=r.error, fingerprint=r.fingerprint,
+                          **({'audit': [_audit_json(e) for e in trails[r.evolution_id]]}
+                             if opts.ids else {}))
                      for r, registered in rows])
     elif opts.ids:
         for record, registered in rows:
-            _say(*_history_detail(record, registered))
+            _say(*_history_detail(record, registered), *_audit_lines(trails[record.evolution_id]))
     elif not rows:
         _say('history is empty')
     else:
@@ -310,6 +402,13 @@ class _ProgressDisplay(RunListener):
         pass
 
 
+class _NoProgress(_ProgressDisplay):
+    """With --json: the report is the output, no progress lines in it."""
+
+    def show(self, evolution_id, done, total):
+        pass
+
+
 class _PlainProgress(_ProgressDisplay):
     """``<id>: done/total (percent)`` lines, at most one a second, and the last one."""
 
@@ -382,14 +481,21 @@ def _say_applied(applied):
 
 def _run(service, opts):
     try:
-        with _progress_display() as display:
+        with (_NoProgress() if getattr(opts, 'json', False) else
+              _progress_display()) as display:
             result = operations.run(service, listener=display, on_wait=_WaitReporter(),
                                     timeout=opts.timeout)
     except EvolutionFailed as e:
         _say_applied(e.applied)
+        _report(opts, changed=e.applied)
         _error(f'{e} (traceback: gearbox evolve history {e.evolution_id})')
         return EXIT_NOT_SETTLED
     _say_applied(result.applied)
+    _report(opts, changed=result.applied)
+    if result.paused is not None:
+        _error(f'{result.paused} is paused: nothing after it runs until gearbox evolve resume '
+               f'{result.paused}')
+        return EXIT_NOT_SETTLED
     if result.ok:
         if not result.applied:
             _say(f'nothing to do: all {len(service.evolutions)} evolutions are applied')
@@ -413,6 +519,7 @@ def _mark_or_unmark(service, opts):
     for said, ids in ((changed, result.changed), (unchanged, result.unchanged)):
         if ids:
             _say(f'{said}: {", ".join(ids)}')
+    _report(opts, changed=result.changed, unchanged=result.unchanged)
     return EXIT_OK
 
 
@@ -420,13 +527,46 @@ def _retry(service, opts):
     cleared = operations.retry(service, opts.ids, on_wait=_WaitReporter(), timeout=opts.timeout)
     for record in cleared:
         _say(f'cleared the failed state of {record.evolution_id} ({_attempts(record.attempts)}, '
-             f'last: {_error_summary(record.error)}): the next run retries it')
+             f'last: {_error_summary(record.error)}): the next run retries it'
+             f'{", from its checkpoint" if record.checkpoint is not None else ""}')
+    _report(opts, changed=[record.evolution_id for record in cleared])
+    return EXIT_OK
+
+
+def _pause(service, opts):
+    result = operations.pause(service, opts.id)
+    if result.outcome == 'paused':
+        _say(f'paused {result.evolution_id} before it started')
+    else:
+        _say(f'pause of {result.evolution_id} requested: it stops at its next batch boundary, '
+             f'its checkpoint committed (gearbox evolve status shows it paused)')
+    if result.blocking:
+        _say(f'{result.evolution_id} is a blocking evolution: while it is paused the gate stays '
+             f'closed (every process answers 503) until gearbox evolve resume '
+             f'{result.evolution_id}')
+    else:
+        _say(f'{result.evolution_id} runs in the background: the site keeps serving while it '
+             f'is paused')
+    _report(opts, changed=[result.evolution_id], gate='closed' if result.blocking else 'open')
+    return EXIT_OK
+
+
+def _resume(service, opts):
+    result = operations.resume(service, opts.id)
+    record = result.record
+    where = (f' from its checkpoint ({record.progress_done or 0} items done)'
+             if record.checkpoint is not None else '')
+    _say(f'resume of {result.evolution_id} requested: the process holding the lock (or the '
+         f'next one to take it, within {service.settings.poll_interval:g} s) continues it'
+         f'{where}')
+    _report(opts, changed=[result.evolution_id])
     return EXIT_OK
 
 
 def _release_lock(service, opts):
     result = operations.release_lock(service, force=opts.force)
     lock = result.lock
+    _report(opts, lock=lock)
     if result.action == 'free':
         _say('the lock is free: nothing to release')
     elif result.action == 'released':
@@ -441,5 +581,5 @@ def _release_lock(service, opts):
 _VERBS = {
     'status': _status, 'history': _history, 'plan': _plan, 'run': _run,
     'mark': _mark_or_unmark, 'unmark': _mark_or_unmark, 'retry': _retry,
-    'release-lock': _release_lock,
+    'pause': _pause, 'resume': _resume, 'release-lock': _release_lock,
 }

@@ -16,6 +16,7 @@ import dataclasses
 import getpass
 import importlib
 import os
+import socket
 import sys
 import time
 from typing import Optional
@@ -23,7 +24,8 @@ from typing import Optional
 from . import logs
 from .errors import ConfigurationError, LockWaitTimeout, OperationRefused
 from .planning import fingerprints, plan as plan_steps, run_order
-from .records import FAILED, MARKED, RUNNING, HistoryRecord, LockRecord
+from .records import (DONE_STATES, FAILED, MARKED, PAUSE, PAUSED, RESUME, RETRY, RUNNING,
+                      HistoryRecord, LockRecord)
 from .runner import AGAIN, DONE, Runner, legacy_adoptions, make_owner
 from .service import SERVICE_KEY, service_for_config
 from .state import BLOCKED, MISCONFIGURED, READY
@@ -121,10 +123,19 @@ class PlanItem:
     reason: str
 
 
+#: The storage version with operators' requests (pause, resume, retry) and the audit trail.
+REQUESTS_VERSION = 3
+
+
+def _has_requests(service):
+    return service.backend.read_storage_version() >= REQUESTS_VERSION
+
+
 def _read(service):
     # Read-only verbs create nothing and upgrade nothing: on a new database they read an
-    # empty history and no lock.
-    return service.backend.read_history(), service.backend.read_lock()
+    # empty history and no lock.  The batch fields (checkpoints, requests) where they exist.
+    history = service.backend.read_history(batches=_has_requests(service))
+    return history, service.backend.read_lock()
 
 
 def _plan(service, history):
@@ -153,8 +164,14 @@ def status(service):
         running_now = _running_now(record, lock)
         if running_now:
             reason = f'running now, by {record.owner}'
-        if record is None or (reason is not None and record.state not in (FAILED, RUNNING)):
+            if record.requested == PAUSE:
+                reason += (f'; pause asked by {record.requested_by}: it stops at its next batch '
+                           f'boundary')
+        if record is None or (reason is not None and record.state not in (FAILED, RUNNING,
+                                                                          PAUSED)):
             state = PENDING
+        elif record.state == FAILED and record.requested == RETRY:
+            state = PENDING  # the next process to take the lock runs it again
         else:
             state = record.state
         evolutions.append(EvolutionStatus(evolution_id, state, reason, record, running_now))
@@ -173,15 +190,27 @@ def history(service, ids=()):
     records, _ = _read(service)
     registered = {e.evolution_id for e in service.evolutions}
     if ids:
-        missing = [i for i in ids if i not in records]
+        audited = {entry.evolution_id for entry in audit(service)}
+        missing = [i for i in ids if i not in records and i not in audited]
         if missing:
             raise OperationRefused(
                 f'history: nothing recorded for {", ".join(map(repr, missing))}')
-        chosen = [records[i] for i in dict.fromkeys(ids)]
+        # An id whose record unmark forgot has its audit trail still: shown without a state.
+        chosen = [records.get(i) or HistoryRecord(i, 'forgotten') for i in dict.fromkeys(ids)]
     else:
         chosen = sorted(records.values(),
                         key=lambda r: (r.started_at is None, r.started_at or 0, r.evolution_id))
     return [(record, record.evolution_id in registered) for record in chosen]
+
+
+def audit(service, evolution_id=None):
+    """The audit trail (:class:`~.records.AuditEntry`), oldest first: every attempt (started,
+    applied, failed with its traceback, paused, lost, stopped) and every operator's action
+    (mark, unmark, retry, pause, resume, release-lock); of one evolution with
+    ``evolution_id``.  Empty on storage older than the trail."""
+    if not _has_requests(service):
+        return []
+    return service.backend.read_audit(evolution_id)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,10 +252,11 @@ def _while_another_holds_the_lock(service, attempt, on_wait, timeout):
 class RunResult:
     applied: tuple  # ids applied by this run, in order
     phase: str  # the runner's final phase
+    paused: Optional[str] = None  # the paused evolution the run stopped at
 
     @property
     def ok(self):
-        return self.phase == READY
+        return self.phase == READY and self.paused is None
 
 
 def run(service, *, listener=None, on_wait=None, timeout=None):
@@ -236,7 +266,8 @@ def run(service, *, listener=None, on_wait=None, timeout=None):
     on every poll while another process holds the lock; after ``timeout`` seconds of waiting
     :class:`LockWaitTimeout` is raised.  Unlike the thread, a database error is raised at once
     and a failed evolution ends the run with :class:`~.errors.EvolutionFailed` (with
-    ``on_failure = block`` the thread would wait).  A ``depends_on`` naming an evolution neither
+    ``on_failure = block`` the thread would wait), and a paused evolution ends it too
+    (``RunResult.paused``: the thread would wait for its resume).  A ``depends_on`` naming an evolution neither
     registered nor done raises :class:`~.errors.ConfigurationError` before anything runs.
     """
     plan(service)  # raises the ConfigurationError the runner would only log
@@ -249,12 +280,14 @@ def run(service, *, listener=None, on_wait=None, timeout=None):
             outcome = runner.step()
         if outcome == DONE or runner.state.phase in (BLOCKED, MISCONFIGURED):
             return outcome
+        if runner.paused is not None:  # waits for an operator's resume: not for this run
+            return outcome
         return None
 
     _while_another_holds_the_lock(service, attempt, on_wait, timeout)
     if runner.failure is not None:
         raise runner.failure
-    return RunResult(tuple(runner.applied), runner.state.phase)
+    return RunResult(tuple(runner.applied), runner.state.phase, runner.paused)
 
 
 # --- fenced writes -------------------------------------------------------------------------------
@@ -306,38 +339,77 @@ class WriteResult:
     unchanged: tuple  # ids it left alone (already marked/applied, or nothing to forget)
 
 
-def mark(service, ids, *, force=False, on_wait=None, timeout=None):
+def operator_name(user=None):
+    """Who an operator is, for the audit trail: ``user`` (the status page passes the user
+    TurboGears identified), by default the OS user running this process."""
+    if user is not None:
+        return user
+    try:
+        return getpass.getuser()
+    except Exception:  # no login name in some containers
+        return f'uid {os.getuid()}' if hasattr(os, 'getuid') else 'unknown'
+
+
+def _audit(service, evolution_id, action, operator, detail=None, error=None):
+    service.backend.record_audit(evolution_id, action, operator_name(operator),
+                                 socket.gethostname(), detail, error)
+
+
+def _record_text(record):
+    """What a history record said, for the audit line of a verb that changes or forgets it."""
+    text = f'was {record.state}, {record.attempts} attempt{"" if record.attempts == 1 else "s"}'
+    if record.progress_done is not None:
+        text += f', {record.progress_done} items done'
+    if record.checkpoint is not None:
+        text += f', checkpoint {record.checkpoint}'
+    return text
+
+
+def mark(service, ids, *, force=False, operator=None, on_wait=None, timeout=None):
     """Record evolutions as applied without running them (a baseline).
 
     Ids already recorded as done keep their record.  Unregistered ids are refused unless
-    ``force`` (recording an evolution that a later release will register).
+    ``force`` (recording an evolution that a later release will register).  Each id marked
+    is in the audit trail, with ``operator`` (by default the OS user).
     """
     ids = tuple(dict.fromkeys(ids))
     _refuse_unknown(service, ids, force, 'mark')
     with _holding_lock(service, on_wait, timeout) as lease:
-        history = service.backend.read_history()
+        history = service.backend.read_history(batches=True)
         done = tuple(i for i in ids if i in history and history[i].done)
         service.backend.record_states(lease, ids, MARKED)
-    marked = tuple(i for i in ids if i not in done)
+        marked = tuple(i for i in ids if i not in done)
+        for evolution_id in marked:
+            before = history.get(evolution_id)
+            _audit(service, evolution_id, 'mark', operator,
+                   'never run before' if before is None else _record_text(before),
+                   None if before is None else before.error)
     if marked:
-        log.info('marked as applied by %s: %s', operator_identity(lease.owner),
+        log.info('marked as applied by %s: %s', operator_identity(lease.owner, operator),
                  ', '.join(marked))
     return WriteResult(marked, done)
 
 
-def unmark(service, ids, *, force=False, on_wait=None, timeout=None):
-    """Forget evolutions' history, so that the next run runs them again.
+def unmark(service, ids, *, force=False, operator=None, on_wait=None, timeout=None):
+    """Forget evolutions' history records, so that the next run runs them again (from the
+    start: a batched evolution's checkpoint goes too).
 
-    Unregistered ids are refused unless ``force`` (cleaning up the history of a removed one).
+    What each record said (state, attempts, checkpoint, its traceback) stays in the audit
+    trail, which ``history ID`` shows.  Unregistered ids are refused unless ``force``
+    (cleaning up the history of a removed one).
     """
     ids = tuple(dict.fromkeys(ids))
     _refuse_unknown(service, ids, force, 'unmark')
     with _holding_lock(service, on_wait, timeout) as lease:
-        history = service.backend.read_history()
+        history = service.backend.read_history(batches=True)
         present = tuple(i for i in ids if i in history)
         if present:
+            for evolution_id in present:
+                record = history[evolution_id]
+                _audit(service, evolution_id, 'unmark', operator, _record_text(record),
+                       record.error)
             service.backend.delete_history(lease, present)
-            log.info('history forgotten by %s: %s', operator_identity(lease.owner),
+            log.info('history forgotten by %s: %s', operator_identity(lease.owner, operator),
                      ', '.join(present))
     return WriteResult(present, tuple(i for i in ids if i not in present))
 
@@ -348,24 +420,157 @@ def _refuse_not_failed(ids, history):
     if not_failed:
         raise OperationRefused(f'retry: not failed: {", ".join(not_failed)}; retry only '
                                f'clears a failed state (see unmark to run an evolution again)')
+    requested = [repr(i) for i in ids if history[i].requested == RETRY]
+    if requested:
+        raise OperationRefused(f'retry: already requested for {", ".join(requested)}: the '
+                               f'next process to take the lock runs it again')
 
 
 def retry(service, ids, *, operator=None, on_wait=None, timeout=None):
-    """Clear the failed state of evolutions, so that the next run (or a waiting process,
-    within one poll interval) runs them again.  Returns the failed records cleared.
+    """Ask for failed evolutions to run again: the next run (or a waiting process, within one
+    poll interval) retries them, a batched one from its checkpoint.  Returns the failed
+    records, as they were.
 
-    ``operator`` names who asked, for the audit line (the status page passes the user TG
-    identified); by default the OS user running this process."""
+    The record stays (its attempts keep counting, its traceback is replaced by the next
+    attempt's); the retry and each attempt are in the audit trail.  ``operator`` names who
+    asked (the status page passes the user TG identified); by default the OS user running
+    this process."""
     ids = tuple(dict.fromkeys(ids))
     _refuse_unknown(service, ids, False, 'retry')
-    _refuse_not_failed(ids, service.backend.read_history())  # before waiting for the lock
+    _refuse_not_failed(ids, service.backend.read_history(batches=_has_requests(service)))
     with _holding_lock(service, on_wait, timeout) as lease:
-        history = service.backend.read_history()
+        history = service.backend.read_history(batches=True)
         _refuse_not_failed(ids, history)
-        service.backend.delete_history(lease, ids)
+        who = operator_name(operator)
+        for evolution_id in ids:
+            if service.backend.record_request(evolution_id, RETRY, who, FAILED) is None:
+                raise OperationRefused(f'retry: {evolution_id!r} changed meanwhile; see '
+                                       f'gearbox evolve status')
+            _audit(service, evolution_id, 'retry', operator, _record_text(history[evolution_id]),
+                   history[evolution_id].error)
     log.info('failed state cleared by %s, to be retried: %s',
              operator_identity(lease.owner, operator), ', '.join(ids))
     return tuple(history[i] for i in ids)
+
+
+# --- pause and resume ------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class RequestResult:
+    """What :func:`pause` or :func:`resume` did."""
+    evolution_id: str
+    outcome: str  # 'requested' (the process running it honours it), or 'paused' (at once)
+    record: HistoryRecord  # as written
+    blocking: bool  # the gate waits for it: paused, it keeps every process answering 503
+    batched: bool
+
+
+def _evolution(service, evolution_id, verb):
+    for evolution in service.evolutions:
+        if evolution.evolution_id == evolution_id:
+            return evolution
+    raise OperationRefused(f'{verb}: no registered evolution has the id {evolution_id!r}; '
+                           f'check the spelling (gearbox evolve status lists them)')
+
+
+#: How long pause and resume wait for the lock when tgext.evolve's storage must be upgraded
+#: first (a new database, or one an older release wrote).
+UPGRADE_LOCK_WAIT = 30.0
+
+
+def _current(service, evolution_id, verb):
+    """``(EvolutionStatus, blocking)`` of a registered evolution, on storage that has the
+    operators' requests (upgraded under the lock first if it has not)."""
+    if not _has_requests(service):
+        try:
+            with _holding_lock(service, None, UPGRADE_LOCK_WAIT):
+                pass
+        except LockWaitTimeout as e:
+            raise OperationRefused(
+                f'{verb}: tgext.evolve\'s storage must be upgraded first, by the holder of '
+                f'the lock ({e}); try again') from None
+    entry = {e.evolution_id: e for e in status(service).evolutions}[evolution_id]
+    history, _ = _read(service)
+    steps = plan_steps(service.evolutions, history,
+                       fingerprints(service.evolutions, service.config))
+    blocking = next((s.blocking for s in steps if s.evolution_id == evolution_id),
+                    not _evolution(service, evolution_id, verb).background)
+    return entry, blocking
+
+
+def pause(service, evolution_id, *, operator=None):
+    """Pause an evolution: a batched one stops at its next batch boundary, its checkpoint
+    committed; one that has not started yet is paused before it starts.  A plain
+    (non-batched) evolution that is running now cannot be paused: it runs in one transaction.
+
+    No lock is needed (a compare-and-set on its history record): the process running the
+    evolution honours the request.  A paused blocking evolution keeps the gate closed (every
+    process answers 503) until :func:`resume`; a paused background one leaves the site
+    serving.  Refused (:class:`~.errors.OperationRefused`, saying why) for an unknown id, an
+    evolution that is applied (or marked, adopted), failed, already paused or being paused.
+    """
+    from .evolution import BatchEvolution
+    evolution = _evolution(service, evolution_id, 'pause')
+    entry, blocking = _current(service, evolution_id, 'pause')
+    record, batched = entry.record, isinstance(evolution, BatchEvolution)
+    if entry.state in DONE_STATES:
+        raise OperationRefused(f'pause: {evolution_id} is {entry.state}: there is nothing '
+                               f'left to pause')
+    if entry.state == PAUSED:
+        raise OperationRefused(f'pause: {evolution_id} is paused already (gearbox evolve '
+                               f'resume {evolution_id} continues it)')
+    if entry.state == FAILED:
+        raise OperationRefused(f'pause: {evolution_id} failed and is not running: nothing '
+                               f'to pause (gearbox evolve retry {evolution_id} runs it again)')
+    if record is not None and record.requested == PAUSE:
+        raise OperationRefused(f'pause: a pause of {evolution_id} was already asked for by '
+                               f'{record.requested_by}; it stops at its next batch boundary')
+    if entry.running_now and not batched:
+        raise OperationRefused(
+            f'pause: {evolution_id} is running now and is not a BatchEvolution: it runs in '
+            f'one transaction and cannot stop half-way; wait for it to finish (or fail)')
+    who = operator_name(operator)
+    written = service.backend.record_request(evolution_id, PAUSE, who,
+                                             None if record is None else record.state)
+    if written is None:
+        raise OperationRefused(f'pause: {evolution_id} changed meanwhile (it started or '
+                               f'finished); nothing was changed, see gearbox evolve status')
+    outcome = 'paused' if written.state == PAUSED else 'requested'
+    _audit(service, evolution_id, 'pause', operator,
+           'paused before it started' if outcome == 'paused' else
+           f'asked while {written.state}{"" if record is None else ", " + _record_text(record)}')
+    log.info('pause of %r %s by %s', evolution_id,
+             'done' if outcome == 'paused' else 'requested', who)
+    return RequestResult(evolution_id, outcome, written, blocking, batched)
+
+
+def resume(service, evolution_id, *, operator=None):
+    """Resume a paused evolution: whichever process holds the lock (or takes it, within one
+    poll interval) continues it, a batched one from its checkpoint.  No lock is needed.
+    Refused for an unknown id, or an evolution that is not paused (or whose resume is
+    already asked for)."""
+    from .evolution import BatchEvolution
+    evolution = _evolution(service, evolution_id, 'resume')
+    entry, blocking = _current(service, evolution_id, 'resume')
+    record = entry.record
+    if entry.state != PAUSED:
+        pausing = record is not None and record.requested == PAUSE
+        raise OperationRefused(
+            f'resume: {evolution_id} is {entry.state}, not paused: nothing to resume'
+            + (' (a pause is asked for: it pauses at its next batch boundary, then it can be '
+               'resumed)' if pausing else ''))
+    if record.requested == RESUME:
+        raise OperationRefused(f'resume: {evolution_id} is being resumed already (asked by '
+                               f'{record.requested_by})')
+    who = operator_name(operator)
+    written = service.backend.record_request(evolution_id, RESUME, who, PAUSED)
+    if written is None:
+        raise OperationRefused(f'resume: {evolution_id} changed meanwhile; nothing was changed, '
+                               f'see gearbox evolve status')
+    _audit(service, evolution_id, 'resume', operator, _record_text(record))
+    log.info('resume of %r requested by %s', evolution_id, who)
+    return RequestResult(evolution_id, 'requested', written, blocking,
+                         isinstance(evolution, BatchEvolution))
 
 
 # --- the lock ------------------------------------------------------------------------------------
@@ -388,7 +593,7 @@ def operator_identity(owner, user=None):
     return f'{owner} (user {user})'
 
 
-def release_lock(service, *, force=False):
+def release_lock(service, *, force=False, operator=None):
     """Release a lock whose holder is gone.
 
     A lock whose lease is still valid is refused unless ``force``: its holder is alive and
@@ -406,6 +611,8 @@ def release_lock(service, *, force=False):
         broken = backend.break_lock(broken_by) or lock
         log.warning('lock of %s (generation %d) broken by %s', broken.owner, broken.generation,
                     broken_by)
+        _audit_lock(service, operator, f'broke the lock held by {broken.owner} (generation '
+                                       f'{broken.generation}, lease valid: {broken.held})')
         return ReleaseResult('broken', broken, broken_by)
     if lock.held:
         raise OperationRefused(
@@ -420,4 +627,13 @@ def release_lock(service, *, force=False):
     backend.release(lease)
     log.info('lock left by %s (generation %d, lease expired) released by %s', lock.owner,
              lock.generation, lease.owner)
+    _audit_lock(service, operator, f'released the lock left by {lock.owner} (generation '
+                                   f'{lock.generation}, lease expired)')
     return ReleaseResult('released', lock)
+
+
+def _audit_lock(service, operator, detail):
+    # release-lock touches only the lock record, which every storage version has: on storage
+    # older than the audit trail there is nowhere to write this (and nothing is created).
+    if _has_requests(service):
+        _audit(service, None, 'release-lock', operator, detail)

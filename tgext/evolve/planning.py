@@ -14,7 +14,7 @@ import heapq
 from typing import NamedTuple, Optional
 
 from .errors import ConfigurationError
-from .records import FAILED, MAX_ID_LENGTH, PAUSED, RESUME, RUNNING, HistoryRecord
+from .records import FAILED, MAX_ID_LENGTH, PAUSED, RESUME, RETRY, RUNNING, HistoryRecord
 
 
 class PlannedStep(NamedTuple):
@@ -158,6 +158,8 @@ def plan(evolutions, history, fingerprints=None):
         elif record.state == FAILED:
             plural = 's' if record.attempts != 1 else ''
             reason = f'failed before ({record.attempts} attempt{plural})'
+            if record.requested == RETRY:
+                reason = f'retried by {record.requested_by}: {reason}{_resumes(record)}'
         elif record.state == RUNNING:
             reason = f'interrupted while {record.owner} ran it{_resumes(record)}'
         elif record.state == PAUSED:

@@ -122,3 +122,25 @@ def require_done_state(state: str) -> None:
     if state not in DONE_STATES:
         raise ValueError(f'record_states() records done states only '
                          f'({", ".join(sorted(DONE_STATES))}), not {state!r}')
+
+
+#: What the audit trail records (its ``action``).  Attempts, written by the process that runs
+#: the evolution, with the owner as actor:
+STARTED = 'started'  # an attempt began (``detail``: the reason, and where it resumes)
+# APPLIED, FAILED (``error``: the traceback) and PAUSED (at a batch boundary or before it
+# started) end an attempt, under the names of the states they leave behind.
+#: Operators' actions, with the operator as actor (the OS user, or the status page's user):
+OPERATOR_ACTIONS = ('mark', 'unmark', 'retry', 'pause', 'resume', 'release-lock')
+
+
+class AuditEntry(NamedTuple):
+    """One line of the append-only audit trail: an attempt of an evolution, or an operator's
+    action.  Never updated nor deleted: ``unmark`` and ``retry`` leave what happened here."""
+    id: object  # the store's key: an int on SQL, an ObjectId's text on MongoDB
+    evolution_id: Optional[str]  # None for the lock's (release-lock)
+    at: float
+    action: str
+    actor: Optional[str]  # who: the owner string of a process, or an operator's name
+    host: Optional[str]
+    detail: Optional[str] = None
+    error: Optional[str] = None  # the traceback of a failed attempt

@@ -19,10 +19,13 @@ from . import logs
 from .errors import ConfigurationError, EvolutionFailed, LeaseLost
 from .evolution import BatchEvolution
 from .planning import fingerprints, plan
-from .records import ADOPTED, DEFAULT_LOCK_NAME, FAILED, PAUSE, PAUSED, RESUME
+from .records import (ADOPTED, APPLIED, DEFAULT_LOCK_NAME, FAILED, PAUSE, PAUSED, RESUME, RETRY,
+                      STARTED)
 from .state import (BLOCKED, EVOLVING, MISCONFIGURED, PAUSED as PAUSED_PHASE, READY,
                     SERVING_AFTER_FAILURE, UNREACHABLE, WAITING, GateState)
 
+#: The audit trail's name for an attempt that lost the lock (its work rolled back).
+LOST = 'lost'
 #: The storage version whose history has the batch fields (checkpoints, requests).
 BATCH_FIELDS_VERSION = 3
 
@@ -87,6 +90,7 @@ class Runner:
         self._storage = None  # CREATED once ensure_storage() ran, CURRENT once upgraded
         self._batch_fields = None  # whether the history has them: known once something is pending
         self._failures_at_start = None
+        self.paused = None  # the paused evolution the last step stopped at, if any
         self._attempted = set()
         self._waiting = False
         self._last_note = None
@@ -161,6 +165,7 @@ class Runner:
             return WAIT
 
     def _step(self):
+        self.paused = None
         if self._waiting:
             # While another process holds a live lease, one indexed read per poll is enough.
             lock = self.backend.read_lock(self.lock_name)
@@ -265,8 +270,8 @@ class Runner:
     def _retryable(self, step):
         """A failure is retried once per process start, and only if nobody retried it since."""
         record = step.record
-        if record is None or record.state != FAILED:
-            return True
+        if record is None or record.state != FAILED or record.requested == RETRY:
+            return True  # an operator's retry request is honoured by whoever takes the lock
         evolution_id = step.evolution_id
         return (evolution_id not in self._attempted
                 and self._failures_at_start.get(evolution_id) == record.attempts)
@@ -285,6 +290,10 @@ class Runner:
         return runnable
 
     def _blocked(self, step):
+        if self._batch_fields is False:
+            # Storage older than the operators' requests when this process looked: an
+            # operator's retry or resume upgrades it, and must be seen here at the next poll.
+            self._batch_fields = None
         if self._paused(step):
             return self._paused_wait(step)
         record = step.record
@@ -309,6 +318,7 @@ class Runner:
     def _paused_wait(self, step):
         """A paused evolution waits for an operator's resume: polled at every poll_interval."""
         by = step.record.owner
+        self.paused = step.evolution_id
         if step.blocking:
             self.state.set_phase(PAUSED_PHASE)
             self._note(('paused', step.evolution_id), logging.WARNING,
@@ -409,12 +419,31 @@ class Runner:
             log.info('adopted %d evolution(s) applied by tgext.evolve 0.0.5, up to %r',
                      len(adopt), legacy.version)
 
+    def _audit(self, evolution_id, action, detail=None, error=None):
+        """One line of the audit trail for an attempt; a failure to write it is logged, never
+        allowed to fail the evolution it describes."""
+        try:
+            self.backend.record_audit(evolution_id, action, self.owner, socket.gethostname(),
+                                      detail, error)
+        except Exception as e:
+            log.warning('could not write the audit trail of %r (%s: %s): %s', evolution_id,
+                        type(e).__name__, e, action)
+
     def _run_one(self, step, heartbeat):
         evolution = step.evolution
         evolution_id = step.evolution_id
-        if step.record is not None and step.record.requested == PAUSE:
+        # Read again: an operator may have paused it since the plan was read, while the
+        # evolutions before it ran.
+        record = self.backend.read_history(errors=False, batches=True).get(evolution_id)
+        step = step._replace(record=record)
+        if self._paused(step):
+            return False
+        if record is not None and record.requested == PAUSE:
             self.backend.record_paused(heartbeat.lease, evolution_id)
-            log.info('paused %r before it started, as an operator asked', evolution_id)
+            log.info('paused %r before it started, as %s asked', evolution_id,
+                     record.requested_by)
+            self._audit(evolution_id, PAUSED, f'before it started, as {record.requested_by} '
+                                              f'asked')
             return False
         self.state.set_phase(EVOLVING)
         self.state.progress = self.state.eta = None  # the previous evolution's are not this one's
@@ -425,6 +454,7 @@ class Runner:
         fingerprint = self.fingerprints.get(evolution_id)
         running = self.backend.record_running(heartbeat.lease, evolution_id, fingerprint)
         log.info('evolving %r (%s, attempt %d)', evolution_id, step.reason, running.attempts)
+        self._audit(evolution_id, STARTED, f'attempt {running.attempts}: {step.reason}')
         from .heartbeat import ProgressSink
         evolution._progress_sink = ProgressSink(evolution_id, heartbeat, self.state,
                                                 self.listener)
@@ -436,6 +466,7 @@ class Runner:
             log.warning('lock lost while %r ran: %s', evolution_id,
                         'its work was rolled back' if self.backend.atomic_apply else
                         'its work may be partly written and will run again (at-least-once)')
+            self._audit(evolution_id, LOST, 'the lock was lost while it ran')
             return False
         except Exception as e:
             if self.backend.is_transient(e) or self.backend.is_busy(e):
@@ -445,12 +476,15 @@ class Runner:
             self.backend.record_failure(heartbeat.lease, evolution_id, error)
             log.error('evolution %r failed (attempt %d); its work was rolled back:\n%s',
                       evolution_id, running.attempts, error.rstrip())
+            self._audit(evolution_id, FAILED, f'attempt {running.attempts}', error)
             return False
         finally:
             evolution._progress_sink = None
             self.listener.finished(evolution_id)
         self.applied.append(evolution_id)
         log.info('applied %r in %.0f ms', evolution_id, record.duration_ms or 0)
+        self._audit(evolution_id, APPLIED, f'attempt {running.attempts}, '
+                                           f'{record.duration_ms or 0:.0f} ms')
         return True
 
     def _run_batched(self, step, heartbeat):

@@ -33,7 +33,8 @@ from __future__ import annotations
 import abc
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, NamedTuple, Optional
 
-from ..records import DEFAULT_LOCK_NAME, HistoryRecord, Lease, LegacyState, LockRecord
+from ..records import (DEFAULT_LOCK_NAME, AuditEntry, HistoryRecord, Lease, LegacyState,
+                       LockRecord)
 
 if TYPE_CHECKING:  # the walkers are loaded by the backends that make them, when they do
     from .walker import Walker
@@ -261,6 +262,52 @@ class Backend(abc.ABC):
     def record_paused(self, lease: Lease, evolution_id: str) -> HistoryRecord:
         """Honour a ``pause`` request for an evolution that has not started (or is between
         attempts): ``state=paused``, the request cleared, the checkpoint kept."""
+
+    # --- operators' requests and the audit trail (storage version 3) ---------------------------
+
+    @abc.abstractmethod
+    def record_request(self, evolution_id: str, request: str, requested_by: str,
+                       seen_state: Optional[str]) -> Optional[HistoryRecord]:
+        """An operator's ``pause``, ``resume`` or ``retry``, for the process that runs the
+        evolution to honour: a compare-and-set, unfenced (no lock needed, so a pause never
+        waits behind the evolution it pauses).
+
+        Sets ``requested``, ``requested_by`` and ``requested_at`` (:meth:`now`) only while the
+        record's state still is ``seen_state`` and the same request is not pending already.
+        ``seen_state`` None means "no record": then a ``pause`` inserts the record as
+        ``paused`` (the evolution never started; nothing to wait for).  Returns the record as
+        written, or None when it had changed (the caller reads it again and says why).
+        """
+
+    @abc.abstractmethod
+    def record_audit(self, evolution_id: Optional[str], action: str, actor: Optional[str],
+                     host: Optional[str], detail: Optional[str] = None,
+                     error: Optional[str] = None) -> None:
+        """Append one entry to the audit trail, at :meth:`now`.  Unfenced: an attempt's
+        outcome and an operator's action are both facts to keep, whoever holds the lock."""
+
+    @abc.abstractmethod
+    def read_audit(self, evolution_id: Optional[str] = None) -> list[AuditEntry]:
+        """The audit trail, oldest first (of one evolution id when given); empty while its
+        store does not exist.  Never creates anything."""
+
+
+#: Longest text an audit entry keeps in ``detail`` or ``error`` (characters): MySQL's TEXT holds
+#: 65,535 bytes, four per character at worst.  A longer traceback keeps its head and its tail.
+AUDIT_TEXT_LIMIT = 16_000
+
+
+def audit_text(text: Optional[str]) -> Optional[str]:
+    """``text`` as every database can store it: no NUL (PostgreSQL), no lone surrogate (all of
+    them), at most :data:`AUDIT_TEXT_LIMIT` characters."""
+    if text is None:
+        return None
+    text = text.replace('\x00', '\\x00').encode('utf-8', 'backslashreplace').decode('utf-8')
+    if len(text) > AUDIT_TEXT_LIMIT:
+        half = AUDIT_TEXT_LIMIT // 2 - 50
+        text = (f'{text[:half]}\n[... {len(text) - 2 * half} characters left out ...]\n'
+                f'{text[-half:]}')
+    return text
 
 
 class BatchCheckpoint(NamedTuple):

@@ -304,12 +304,13 @@ class MingBackend(base.Backend):
         with self._guard():
             now = time.time()
             self._fence(lease, now)
-            return self._write_history(
+            self._write_history(
                 evolution_id,
                 {'state': records.RUNNING, 'started_at': now, 'finished_at': None,
                  'duration_ms': None, 'owner': lease.owner, 'generation': lease.generation,
                  'error': None, 'fingerprint': fingerprint, **_NOT_PROGRESSED},
                 count_attempt=True)
+            return self._clear_honoured_requests(evolution_id)
 
     def apply(self, lease: records.Lease, evolution_id: str, work: Callable[[], None],
               fingerprint: Optional[str] = None) -> records.HistoryRecord:
@@ -427,7 +428,7 @@ class MingBackend(base.Backend):
                 value = doc.get(name) if resuming else None
                 return otherwise if value is None else value
 
-            return self._write_history(evolution_id, {
+            self._write_history(evolution_id, {
                 'state': records.RUNNING, 'started_at': kept('started_at', now),
                 'finished_at': None, 'duration_ms': None, 'error': None, 'progress_at': None,
                 'owner': lease.owner, 'generation': lease.generation, 'fingerprint': fingerprint,
@@ -435,9 +436,9 @@ class MingBackend(base.Backend):
                 'progress_done': kept('progress_done', 0),
                 'batches_done': kept('batches_done', 0),
                 'progress_total': kept('progress_total', total),
-                'batch_size': kept('batch_size', batch_size),
-                'requested': None, 'requested_by': None, 'requested_at': None},
+                'batch_size': kept('batch_size', batch_size)},
                 count_attempt=True)
+            return self._clear_honoured_requests(evolution_id)
 
     def run_batch(self, lease: records.Lease, evolution_id: str,
                   work: Callable[[], base.BatchCheckpoint]) -> records.HistoryRecord:
@@ -483,6 +484,63 @@ class MingBackend(base.Backend):
             return self._write_history(evolution_id, {
                 'state': records.PAUSED, 'requested': None, 'requested_by': None,
                 'requested_at': None, 'owner': lease.owner, 'generation': lease.generation})
+
+    def _clear_honoured_requests(self, evolution_id):
+        """Starting an attempt honours a ``retry`` or ``resume`` request (cleared), never a
+        ``pause`` one: a pause that arrived after the plan was read stops the first batch."""
+        self._history.update_one(
+            {'_id': evolution_id, 'requested': {'$in': [records.RETRY, records.RESUME]}},
+            {'$set': {'requested': None, 'requested_by': None, 'requested_at': None}})
+        return _history_record(self._history.find_one({'_id': evolution_id}))
+
+    # --- operators' requests and the audit trail -----------------------------------------------
+
+    @property
+    def _audit(self):
+        return self._collection(base.AUDIT_TABLE)
+
+    def record_request(self, evolution_id: str, request: str, requested_by: str,
+                       seen_state: Optional[str]) -> Optional[records.HistoryRecord]:
+        with self._guard():
+            now = time.time()
+            if seen_state is None:
+                if request != records.PAUSE:
+                    return None
+                doc = {**_BLANK_HISTORY, '_id': evolution_id, 'evolution_id': evolution_id,
+                       'state': records.PAUSED, 'requested_by': requested_by,
+                       'requested_at': now}
+                try:
+                    self._history.insert_one(doc)  # a duplicate _id: it started meanwhile
+                except DuplicateKeyError:
+                    return None
+                return _history_record(doc)
+            doc = self._history.find_one_and_update(
+                {'_id': evolution_id, 'state': seen_state, 'requested': {'$ne': request}},
+                {'$set': {'requested': request, 'requested_by': requested_by,
+                          'requested_at': now}},
+                return_document=ReturnDocument.AFTER)
+        return None if doc is None else _history_record(doc)
+
+    def record_audit(self, evolution_id: Optional[str], action: str, actor: Optional[str],
+                     host: Optional[str], detail: Optional[str] = None,
+                     error: Optional[str] = None) -> None:
+        with self._guard():
+            # _id: an ObjectId, whose leading seconds and counter keep the insertion order.
+            self._audit.insert_one({
+                'evolution_id': evolution_id, 'at': time.time(), 'action': action,
+                'actor': actor, 'host': host, 'detail': base.audit_text(detail),
+                'error': base.audit_text(error)})
+
+    def read_audit(self, evolution_id: Optional[str] = None) -> list:
+        query = {} if evolution_id is None else {'evolution_id': evolution_id}
+        with self._guard():
+            if not self._exists(base.AUDIT_TABLE):
+                return []
+            docs = list(self._audit.find(query, sort=[('at', ASCENDING), ('_id', ASCENDING)]))
+        return [records.AuditEntry(id=str(doc['_id']), evolution_id=doc.get('evolution_id'),
+                                   at=doc['at'], action=doc['action'], actor=doc.get('actor'),
+                                   host=doc.get('host'), detail=doc.get('detail'),
+                                   error=doc.get('error')) for doc in docs]
 
     # --- the application's Ming session --------------------------------------------------------
 

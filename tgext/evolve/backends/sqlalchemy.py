@@ -20,9 +20,9 @@ from sqlalchemy.orm import scoped_session, sessionmaker
 from ..errors import LeaseLost
 from .. import forking, logs
 from ..records import (APPLIED, DEFAULT_LOCK_NAME, DONE_STATES, FAILED, HISTORY_BATCH_FIELDS,
-                       HISTORY_V1_FIELDS, PAUSE, PAUSED, RUNNING, HistoryRecord, Lease,
-                       LegacyState, LockRecord, require_done_state)
-from .base import HISTORY_TABLE, LEGACY_TABLE, LOCK_TABLE, Backend
+                       HISTORY_V1_FIELDS, PAUSE, PAUSED, RESUME, RETRY, RUNNING, AuditEntry,
+                       HistoryRecord, Lease, LegacyState, LockRecord, require_done_state)
+from .base import AUDIT_TABLE, HISTORY_TABLE, LEGACY_TABLE, LOCK_TABLE, Backend, audit_text
 from .sql_unprepared import unprepared, unprepared_engine
 
 log = logs.backend
@@ -65,6 +65,15 @@ def _history_record(row):
         fields[name] = _float(fields[name])
     fields['attempts'] = fields['attempts'] or 0
     return HistoryRecord(**fields)
+
+
+def _clear_honoured_requests(conn, evolution_id):
+    """Starting an attempt honours a ``retry`` or ``resume`` request (cleared), never a
+    ``pause`` one: a pause that arrived after the plan was read stops the first batch."""
+    from .sql_schema import history_table as h
+    conn.execute(h.update().where(h.c.evolution_id == evolution_id,
+                                  h.c.requested.in_((RETRY, RESUME)))
+                 .values(requested=None, requested_by=None, requested_at=None))
 
 
 class SQLAlchemyBackend(Backend):
@@ -314,6 +323,7 @@ class SQLAlchemyBackend(Backend):
                 finished_at=None, duration_ms=None, owner=lease.owner,
                 generation=lease.generation, error=None, progress_done=None,
                 progress_total=None, progress_at=None, fingerprint=fingerprint))
+            _clear_honoured_requests(conn, evolution_id)
             return self._read_one(conn, evolution_id)
 
     def _record_finished(self, conn, lease, evolution_id, state, **values):
@@ -451,7 +461,6 @@ class SQLAlchemyBackend(Backend):
                 (h.c.finished_at, None), (h.c.duration_ms, None), (h.c.error, None),
                 (h.c.progress_at, None), (h.c.fingerprint, fingerprint),
                 (h.c.owner, lease.owner), (h.c.generation, lease.generation),
-                (h.c.requested, None), (h.c.requested_by, None), (h.c.requested_at, None),
                 (h.c.state, RUNNING)))
             if updated.rowcount == 0:
                 conn.execute(h.insert().values(
@@ -459,6 +468,7 @@ class SQLAlchemyBackend(Backend):
                     owner=lease.owner, generation=lease.generation, fingerprint=fingerprint,
                     progress_done=0, batches_done=0, progress_total=total,
                     batch_size=batch_size))
+            _clear_honoured_requests(conn, evolution_id)
             return self._read_one(conn, evolution_id)
 
     def run_batch(self, lease, evolution_id, work):
@@ -506,3 +516,47 @@ class SQLAlchemyBackend(Backend):
                 owner=lease.owner, generation=lease.generation),
                 on_insert=dict(attempts=0))
             return self._read_one(conn, evolution_id)
+
+    # --- operators' requests and the audit trail -----------------------------------------------
+
+    def record_request(self, evolution_id, request, requested_by, seen_state):
+        from .sql_schema import db_now, history_table as h
+        try:
+            with self.engine.begin() as conn:
+                if seen_state is None:
+                    if request != PAUSE:
+                        return None
+                    # The unique key is the compare-and-set: a record written meanwhile (the
+                    # evolution started) makes this INSERT fail, and the caller looks again.
+                    conn.execute(h.insert().values(
+                        evolution_id=evolution_id, state=PAUSED, attempts=0,
+                        requested_by=requested_by, requested_at=db_now()))
+                else:
+                    result = conn.execute(
+                        h.update()
+                        .where(h.c.evolution_id == evolution_id, h.c.state == seen_state,
+                               sa.or_(h.c.requested.is_(None), h.c.requested != request))
+                        .values(requested=request, requested_by=requested_by,
+                                requested_at=db_now()))
+                    if result.rowcount != 1:
+                        return None
+                return self._read_one(conn, evolution_id)
+        except sa_exc.IntegrityError:
+            return None
+
+    def record_audit(self, evolution_id, action, actor, host, detail=None, error=None):
+        from .sql_schema import audit_table, db_now
+        with self.engine.begin() as conn:
+            conn.execute(audit_table.insert().values(
+                evolution_id=evolution_id, at=db_now(), action=action, actor=actor, host=host,
+                detail=audit_text(detail), error=audit_text(error)))
+
+    def read_audit(self, evolution_id=None):
+        from .sql_schema import audit_table as a
+        query = sa.select(a).order_by(a.c.id)  # ids grow with every insert: the order they happened
+        if evolution_id is not None:
+            query = query.where(a.c.evolution_id == evolution_id)
+        rows = self._reading(AUDIT_TABLE, query, ())
+        return [AuditEntry(id=row.id, evolution_id=row.evolution_id, at=_float(row.at),
+                           action=row.action, actor=row.actor, host=row.host, detail=row.detail,
+                           error=row.error) for row in rows]

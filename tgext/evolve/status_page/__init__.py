@@ -12,7 +12,7 @@ import functools
 import json
 import threading
 import weakref
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import tg
 from markupsafe import Markup
@@ -43,6 +43,11 @@ class Action(NamedTuple):
     states: tuple
     confirm: str  # the question the browser asks first; ``{id}`` is the evolution id
     run: Callable  # (service, evolution_id, operator) -> message; raises EvolveError
+    #: The states it is offered in for one evolution, when they depend on its kind.
+    states_for: Optional[Callable] = None
+
+    def offered_states(self, evolution):
+        return self.states if self.states_for is None else self.states_for(evolution)
 
 
 def _retry(service, evolution_id, operator):
@@ -55,11 +60,49 @@ def _retry(service, evolution_id, operator):
             f'{service.settings.poll_interval:g} s.')
 
 
-#: Every button, by the action name its form posts.  Pause and resume join them here.
+def _gate_note(result):
+    if result.blocking:
+        return 'It is a blocking evolution: while it is paused the site answers 503.'
+    return 'It runs in the background: the site keeps serving while it is paused.'
+
+
+def _pause(service, evolution_id, operator):
+    from .. import operations
+    result = operations.pause(service, evolution_id, operator=operator)
+    if result.outcome == 'paused':
+        said = f'Paused {evolution_id} before it started.'
+    else:
+        said = (f'Pause of {evolution_id} requested: it stops at its next batch boundary, its '
+                f'checkpoint committed.')
+    return f'{said} {_gate_note(result)}'
+
+
+def _resume(service, evolution_id, operator):
+    from .. import operations
+    result = operations.resume(service, evolution_id, operator=operator)
+    done = result.record.progress_done
+    where = f' from its checkpoint ({done} items done)' if result.record.checkpoint else ''
+    return (f'Resume of {evolution_id} requested: the process holding the lock continues '
+            f'it{where} within {service.settings.poll_interval:g} s.')
+
+
+def _pausable_states(evolution):
+    from ..evolution import BatchEvolution
+    # A plain evolution runs in one transaction: it can only be paused before it starts.
+    return ('pending', 'running') if isinstance(evolution, BatchEvolution) else ('pending',)
+
+
+#: Every button, by the action name its form posts.
 ACTIONS = {
     'retry': Action('Retry', ('failed',),
                     'Retry evolution {id}? Its failed state is cleared and it runs again.',
                     _retry),
+    'pause': Action('Pause', ('pending', 'running'),
+                    'Pause evolution {id}? It stops at its next batch boundary (a blocking '
+                    'one keeps the site answering 503 until it is resumed).',
+                    _pause, _pausable_states),
+    'resume': Action('Resume', ('paused',),
+                     'Resume evolution {id}? It continues from its checkpoint.', _resume),
 }
 
 
@@ -114,7 +157,7 @@ def _private(response):
 
 
 class EvolveStatusController(TGController):
-    """Every evolution, the lock and the history, live, with a retry button.
+    """Every evolution, the lock and the history, live, with retry, pause and resume buttons.
 
     Mount it in the root controller, the way quickstart mounts tgext.admin::
 
@@ -269,7 +312,8 @@ class EvolveStatusController(TGController):
         try:
             return action.run(service, evolution_id, operator)
         except EvolveError as e:  # refused under the lock, or the lock stayed busy
-            raise _Refused(409, str(e)) from None
+            said = str(e)  # the CLI's wording: the page says which verb without the prefix
+            raise _Refused(409, said.removeprefix(f'{action_name}: ')) from None
         except Exception as e:
             raise _Refused(503, _problem_text(e)) from None
 
@@ -303,14 +347,17 @@ class EvolveStatusController(TGController):
         """``{evolution_id: {action: {label, seen, token}}}``, a token where it is offered."""
         from .csrf import state_seen
         tokens, user = self._form_tokens(service), _user()
+        registered = {e.evolution_id: e for e in service.evolutions}
         offers = {}
         for evolution in status.evolutions:
             seen = state_seen(evolution.record)
-            offers[evolution.evolution_id] = {
-                name: {'label': action.label, 'seen': seen,
-                       'token': (tokens.issue(user, name, evolution.evolution_id, seen)
-                                 if evolution.state in action.states else '')}
-                for name, action in ACTIONS.items()}
+            offers[evolution.evolution_id] = offer = {}
+            for name, action in ACTIONS.items():
+                states = action.offered_states(registered[evolution.evolution_id])
+                offer[name] = {
+                    'label': action.label, 'seen': seen, 'states': states,
+                    'token': (tokens.issue(user, name, evolution.evolution_id, seen)
+                              if evolution.state in states else '')}
         return offers
 
     def _page(self, message=None, ok=True, status=200):

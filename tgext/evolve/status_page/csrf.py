@@ -38,8 +38,10 @@ def state_seen(record):
     """A short digest of a history record (None: no record), for a form to name what it saw."""
     if record is None:
         return 'none'
+    # With the operator's request: a form sent again after its pause, resume or retry was
+    # asked for names a state that is gone.
     fields = [record.state, record.attempts, record.started_at, record.finished_at,
-              record.generation]
+              record.generation, record.requested, record.requested_at]
     return hashlib.sha256(json.dumps(fields).encode('utf-8')).hexdigest()[:16]
 
 

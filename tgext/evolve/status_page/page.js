@@ -90,7 +90,9 @@
     }
     each('form.action', body).forEach(form => {
       const action = actions[form.dataset.action];
-      form.hidden = !action || action.states.indexOf(e.state) < 0;
+      // The states this evolution offers it in (a plain one is paused only before it starts).
+      const states = form.dataset.states ? form.dataset.states.split(' ') : action && action.states;
+      form.hidden = !action || states.indexOf(e.state) < 0;
     });
   }
 

@@ -105,6 +105,7 @@ def _forms(entry, forms):
         hidden = '' if offer['token'] else ' hidden'
         parts.append(
             f'<form method="post" action="act" class="action" data-action="{_e(action)}"'
+            f' data-states="{_e(" ".join(offer["states"]))}"'
             f'{hidden}><input type="hidden" name="action" value="{_e(action)}">'
             f'<input type="hidden" name="id" value="{_e(entry["id"])}">'
             f'<input type="hidden" name="seen" value="{_e(offer["seen"])}">'
