@@ -47,15 +47,17 @@ class EvolveCommand(Command):
     def get_parser(self, prog_name):
         parser = super().get_parser(prog_name)
         parser.formatter_class = argparse.RawDescriptionHelpFormatter
-        parser.add_argument('-c', '--config', dest='config_file', default='development.ini',
-                            help='the application\'s .ini (default: development.ini)')
-        parser.add_argument('-n', '--app-name', default='main',
-                            help='its [app:NAME] section (default: main)')
+        _application_options(parser, 'development.ini', 'main')
+        # The same options after the verb (gearbox users type ``setup-app -c x.ini``); there
+        # they have no default, so that one given before the verb is not overwritten, and no
+        # place in each verb's usage line (the epilog says it once).
+        after_verb = argparse.ArgumentParser(add_help=False)
+        _application_options(after_verb, argparse.SUPPRESS, argparse.SUPPRESS, shown=False)
         verbs = parser.add_subparsers(dest='verb', metavar='VERB', required=True)
 
         def verb(name, help_text):
             return verbs.add_parser(name, help=help_text, description=help_text,
-                                    add_help=False)
+                                    add_help=False, parents=[after_verb])
 
         def waits(sub):
             sub.add_argument('--timeout', type=float, metavar='SECONDS',
@@ -88,7 +90,8 @@ class EvolveCommand(Command):
             help='break the lock even while its lease is valid (recorded with your name)')
         usages = ''.join('  ' + sub.format_usage()[len('usage: '):]
                          for sub in verbs.choices.values())
-        parser.epilog = f'verbs:\n{usages}\n{EXIT_CODES}'
+        parser.epilog = (f'verbs (-c and -n may also follow the verb):\n{usages}\n'
+                         f'{EXIT_CODES}')
         return parser
 
     def take_action(self, opts):
@@ -109,6 +112,15 @@ class EvolveCommand(Command):
                 raise  # gearbox --debug prints the traceback
             _error(f'{type(e).__name__}: {e}')
             return EXIT_ERROR
+
+
+def _application_options(parser, config_default, app_name_default, shown=True):
+    parser.add_argument('-c', '--config', dest='config_file', default=config_default,
+                        help='the application\'s .ini (default: development.ini)' if shown
+                        else argparse.SUPPRESS)
+    parser.add_argument('-n', '--app-name', default=app_name_default,
+                        help='its [app:NAME] section (default: main)' if shown
+                        else argparse.SUPPRESS)
 
 
 # --- output helpers ------------------------------------------------------------------------------
