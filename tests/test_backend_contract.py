@@ -685,6 +685,15 @@ def test_acquire_after_break_lock(db, backend, lease):
     assert (new.owner, new.generation) == ('owner-B', 3)
 
 
+def test_break_lock_of_a_generation_breaks_only_that_one(db, backend, lease):
+    other = db.make_backend()
+    assert other.break_lock('operator@ops-host', generation=lease.generation + 1) is None
+    assert backend.read_lock().owner == lease.owner  # changed hands meanwhile: left alone
+    broken = other.break_lock('operator@ops-host', generation=lease.generation)
+    assert broken.owner == lease.owner
+    assert backend.read_lock().generation == lease.generation + 1
+
+
 def test_break_lock_never_acquired_returns_none(backend):
     assert backend.break_lock('operator@ops-host') is None
 

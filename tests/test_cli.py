@@ -416,7 +416,7 @@ def test_release_lock_refuses_a_live_lease_unless_forced(cliapp):
     assert f'broke the lock held by {OTHER}' in forced.stdout, forced
     lock = holder.read_lock()
     assert lock.owner is None and lock.generation == lease.generation + 1
-    assert re.fullmatch(rf'{OWNER_PATTERN} \(user {re.escape(getpass.getuser())}\)',
+    assert re.fullmatch(rf'broken by {OWNER_PATTERN} \(user {re.escape(getpass.getuser())}\)',
                         lock.released_by), lock.released_by
     with pytest.raises(LeaseLost):
         holder.renew(lease)  # the old holder's fenced writes fail from now on

@@ -1,10 +1,20 @@
 """What operators trip over (issue 12): ``gearbox evolve`` run as a real subprocess against the
 ``tests/cliapp`` application, as in ``test_cli.py`` (whose helpers these tests share)."""
+import collections
+import getpass
+import os
 import re
+import socket
+import subprocess
+import sys
 
 import pytest
+import sqlalchemy as sa
 
-from test_cli import (IDS, SQLITE_ONLY, CliApp, cliapp, status_lines)  # noqa: F401 (fixture)
+from polling import wait_until
+from test_cli import (DEADLINE, IDS, OTHER, OWNER_PATTERN, SQL_DATABASES, SQLITE_ONLY,  # noqa: F401
+                      cliapp, status_lines)
+from tgext.evolve.errors import LeaseLost
 
 pytestmark = pytest.mark.slow
 
@@ -33,3 +43,142 @@ def test_config_and_app_name_may_follow_the_verb(cliapp):
     wrong = cliapp.gearbox('status', '-c', 'production.ini')  # no [app:main] in it
     assert wrong.returncode == 2, wrong
     assert 'production.ini' in wrong.stderr, wrong
+
+
+# --- messages and behaviours (item 11) -----------------------------------------------------------
+
+@SQLITE_ONLY
+def test_retry_of_an_unknown_id_names_it_without_suggesting_a_force_it_lacks(cliapp):
+    refused = cliapp.gearbox('retry', 'nosuch')
+    assert refused.returncode == 2, refused
+    assert "'nosuch'" in refused.stderr and 'check the spelling' in refused.stderr, refused
+    assert '--force' not in refused.stderr, refused
+
+    mark = cliapp.gearbox('mark', 'nosuch')  # mark has --force: it is still suggested there
+    assert mark.returncode == 2 and '--force' in mark.stderr, mark
+
+
+@SQLITE_ONLY
+def test_plan_calls_an_evolution_interrupted_only_once_its_holder_is_gone(cliapp):
+    holder = cliapp.backend()
+    lease = holder.acquire(OTHER, 600)
+    holder.record_running(lease, 'count_slowly')
+
+    live = cliapp.gearbox('plan')
+    assert live.returncode == 0, live
+    steps = dict(re.findall(r'^  \d+\. run\s+(\S+)\s+(.*)$', live.stdout, re.M))
+    assert steps['count_slowly'] == f'running now, by {OTHER}: run waits for it', live
+    assert 'interrupted' not in live.stdout, live
+    assert f'run would first wait for the lock: held by {OTHER}' in live.stdout, live
+
+    assert holder.release(lease)  # gone without finishing it
+    gone = cliapp.gearbox('plan', '--json').json()
+    reasons = {step['id']: step['reason'] for step in gone['steps']}
+    assert reasons['count_slowly'] == f'interrupted while {OTHER} ran it', gone
+    assert gone['wait_for'] is None
+
+
+def _dead_pid():
+    child = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'],
+                           capture_output=True, text=True, check=True)
+    return int(child.stdout)
+
+
+@SQLITE_ONLY
+def test_release_lock_frees_at_once_a_lock_whose_process_on_this_host_is_gone(cliapp):
+    holder = cliapp.backend()
+    host = socket.gethostname()
+    alive = holder.acquire(f'{host}:{os.getpid()}:a11ce', 600)  # this test process: alive
+    refused = cliapp.gearbox('release-lock')
+    assert refused.returncode == 2, refused
+    assert holder.read_lock().owner == f'{host}:{os.getpid()}:a11ce'
+    holder.release(alive)
+
+    elsewhere = holder.acquire(f'another-host:{_dead_pid()}:e15e', 600)
+    refused = cliapp.gearbox('release-lock')  # a PID of another host tells nothing here
+    assert refused.returncode == 2, refused
+    holder.release(elsewhere)
+
+    pid = _dead_pid()
+    dead = holder.acquire(f'{host}:{pid}:dead', 600)
+    released = cliapp.gearbox('release-lock')
+    assert released.returncode == 0, released
+    assert (f'released the lock left by {host}:{pid}:dead (generation {dead.generation}, '
+            f'process {pid} is gone from this host)') in released.stdout, released
+    lock = holder.read_lock()
+    assert lock.owner is None and lock.generation == dead.generation + 1
+    assert re.fullmatch(OWNER_PATTERN, lock.released_by), lock.released_by
+    with pytest.raises(LeaseLost):
+        holder.renew(dead)
+    status = cliapp.gearbox('status')
+    assert re.search(rf'lock: free \(generation {lock.generation}, released by '
+                     rf'{OWNER_PATTERN}\)$', status.stdout, re.M), status
+
+
+@SQLITE_ONLY
+def test_a_forced_release_is_logged_by_the_holder_and_shown_by_status_as_a_break(cliapp):
+    pause = cliapp.directory / 'go-on'
+    cliapp.configure(pause_file=pause, **{'tgext.evolve.lease': '3'})
+    runner = cliapp.start('run')
+    backend = cliapp.backend()
+    wait_until(lambda: getattr(backend.read_history().get('count_slowly'), 'progress_done',
+                               None) == 3, 'count_slowly reached 3/10', DEADLINE, 0.1)
+
+    forced = cliapp.gearbox('release-lock', '--force')
+    assert forced.returncode == 0, forced
+    breaker = re.search(r'recorded as broken by (.*)$', forced.stdout, re.M).group(1)
+    assert re.fullmatch(rf'{OWNER_PATTERN} \(user {re.escape(getpass.getuser())}\)', breaker)
+    wait_until(lambda: 'lock lost' in runner.output('stderr'), 'the holder noticed', DEADLINE,
+               0.1)
+    lost = [line for line in runner.output('stderr').splitlines() if 'lock lost:' in line]
+    assert f'broken by {breaker} (release-lock --force)' in lost[0], lost
+    assert 'expired' not in lost[0], lost
+    pause.touch()
+    runner.finish()
+
+    # Nobody takes the lock over here, so status still sees the break.
+    holder = cliapp.backend()
+    lease = holder.acquire(OTHER, 600)
+    forced = cliapp.gearbox('release-lock', '--force')
+    breaker = re.search(r'recorded as broken by (.*)$', forced.stdout, re.M).group(1)
+    status = cliapp.gearbox('status')
+    assert (f'lock: free (generation {lease.generation + 1}, broken by {breaker})'
+            in status.stdout), status
+    assert 'released by' not in status.stdout, status
+    report = cliapp.gearbox('status', '--json').json()
+    assert report['lock']['released_by'] == f'broken by {breaker}', report
+
+
+@SQLITE_ONLY
+def test_status_shows_the_state_when_a_dependency_is_missing(cliapp, monkeypatch):
+    monkeypatch.setenv('CLIAPP_MAYBE_FAIL_DEPENDS_ON', 'not_plugged')
+    status = cliapp.gearbox('status')
+    assert status.returncode == 1, status
+    lines = status_lines(status)
+    assert lines['seed_effects'] == ('pending', 'never applied'), status
+    state, reason = lines['maybe_fail']
+    assert state == 'pending' and "depends on 'not_plugged'" in reason, status
+    report = cliapp.gearbox('status', '--json')
+    assert report.returncode == 1, report
+    entry, = (e for e in report.json()['evolutions'] if e['id'] == 'maybe_fail')
+    assert "depends on 'not_plugged'" in entry['reason']
+
+    for verb in ('plan', 'run'):  # these still refuse: nothing may run
+        refused = cliapp.gearbox(verb)
+        assert refused.returncode == 2, refused
+        assert "'maybe_fail' depends on 'not_plugged'" in refused.stderr, refused
+    assert cliapp.effects() == collections.Counter()
+
+    assert cliapp.gearbox('mark', '--force', 'not_plugged').returncode == 0
+    status = cliapp.gearbox('status')
+    assert status_lines(status)['maybe_fail'] == ('pending', 'never applied'), status
+
+
+@SQL_DATABASES
+def test_reading_verbs_create_no_table_on_a_fresh_database(cliapp):
+    for args in (['status'], ['status', '--json'], ['plan'], ['plan', '--json'], ['history']):
+        finished = cliapp.gearbox(*args)
+        assert finished.returncode in (0, 1), finished
+    with cliapp.engine.connect() as conn:
+        tables = sa.inspect(conn).get_table_names()
+    assert [t for t in tables if t.startswith('tgext_evolve')] == [], tables

@@ -160,7 +160,10 @@ def _lock_text(lock):
     if lock is None:
         return 'lock: never taken'
     if lock.owner is None:
-        by = f', released by {lock.released_by}' if lock.released_by else ''
+        if lock.broken_by:
+            by = f', broken by {lock.broken_by}'
+        else:
+            by = f', released by {lock.released_by}' if lock.released_by else ''
         return f'lock: free (generation {lock.generation}{by})'
     if lock.held:
         return (f'lock: held by {lock.owner} (generation {lock.generation}) since '
@@ -442,8 +445,8 @@ def _release_lock(service, opts):
     if result.action == 'free':
         _say('the lock is free: nothing to release')
     elif result.action == 'released':
-        _say(f'released the lock left by {lock.owner} (generation {lock.generation}, lease '
-             f'expired)')
+        _say(f'released the lock left by {lock.owner} (generation {lock.generation}, '
+             f'{result.why})')
     else:
         _say(f'broke the lock held by {lock.owner} (generation {lock.generation}); recorded as '
              f'broken by {result.broken_by}')

@@ -167,11 +167,14 @@ class Backend(abc.ABC):
         generation kept); False if it had changed hands."""
 
     @abc.abstractmethod
-    def break_lock(self, broken_by: str, name: str = DEFAULT_LOCK_NAME) -> Optional[LockRecord]:
+    def break_lock(self, broken_by: str, name: str = DEFAULT_LOCK_NAME,
+                   generation: Optional[int] = None) -> Optional[LockRecord]:
         """Release the lock whoever holds it, recording ``broken_by``; return what was broken.
 
         The operator's last resort (``gearbox evolve release-lock --force``): the generation is
-        still incremented so the previous holder's fenced writes fail from now on.
+        still incremented so the previous holder's fenced writes fail from now on.  With
+        ``generation``, only the lock of that generation is broken (compare-and-set): None if
+        it changed hands meanwhile.
         """
 
     # --- fenced history writes -----------------------------------------------------------------

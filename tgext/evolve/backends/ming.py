@@ -277,12 +277,13 @@ class MingBackend(base.Backend):
                 projection={'_id': True})
         return released is not None
 
-    def break_lock(self, broken_by: str,
-                   name: str = records.DEFAULT_LOCK_NAME) -> Optional[records.LockRecord]:
+    def break_lock(self, broken_by: str, name: str = records.DEFAULT_LOCK_NAME,
+                   generation: Optional[int] = None) -> Optional[records.LockRecord]:
+        which = {'_id': name} if generation is None else {'_id': name, 'generation': generation}
         with self._guard():
             now = time.time()
             before = self._locks.find_one_and_update(
-                {'_id': name},
+                which,
                 {'$set': {'owner': None, 'released_by': broken_by}, '$inc': {'generation': 1}},
                 return_document=ReturnDocument.BEFORE)
         return None if before is None else _lock_record(before, now)

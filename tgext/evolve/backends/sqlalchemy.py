@@ -266,13 +266,13 @@ class SQLAlchemyBackend(Backend):
                 .values(owner=None, expires_at=db_now(), released_by=lease.owner))
             return result.rowcount == 1
 
-    def break_lock(self, broken_by, name=DEFAULT_LOCK_NAME):
+    def break_lock(self, broken_by, name=DEFAULT_LOCK_NAME, generation=None):
         from .sql_schema import db_now, lock_table
         with self.engine.begin() as conn:
             row = conn.execute(
                 sa.select(lock_table, db_now().label('now')).where(lock_table.c.name == name)
             ).first()
-            if row is None:
+            if row is None or generation is not None and row.generation != generation:
                 return None
             conn.execute(
                 lock_table.update()
