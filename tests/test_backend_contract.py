@@ -766,6 +766,20 @@ def test_record_failure_without_running_record(db, backend, lease):
     assert db.make_backend().read_history()['evo-1'].state == FAILED
 
 
+def test_apply_records_the_final_progress_and_a_late_progress_write_keeps_it(backend, lease):
+    backend.record_running(lease, 'evo-1')
+    backend.record_progress(lease, 'evo-1', 13, 22)  # the last throttled write
+    record = backend.apply(lease, 'evo-1', lambda: None, final_progress=lambda: (22, 22))
+    assert (record.state, record.progress_done, record.progress_total) == (APPLIED, 22, 22)
+    backend.record_progress(lease, 'evo-1', 13, 22)  # the heartbeat, late
+    record = backend.read_history()['evo-1']
+    assert (record.state, record.progress_done, record.progress_total) == (APPLIED, 22, 22)
+
+    backend.record_running(lease, 'evo-2')  # reported nothing: nothing recorded
+    record = backend.apply(lease, 'evo-2', lambda: None, final_progress=lambda: None)
+    assert (record.progress_done, record.progress_total) == (None, None)
+
+
 def test_record_progress_stores_progress(backend, lease):
     backend.record_running(lease, 'evo-1')
     backend.record_progress(lease, 'evo-1', 5, 10)

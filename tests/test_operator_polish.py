@@ -182,3 +182,25 @@ def test_reading_verbs_create_no_table_on_a_fresh_database(cliapp):
     with cliapp.engine.connect() as conn:
         tables = sa.inspect(conn).get_table_names()
     assert [t for t in tables if t.startswith('tgext_evolve')] == [], tables
+
+
+# --- the final progress figure (item 13) ---------------------------------------------------------
+
+@SQLITE_ONLY
+def test_an_applied_evolution_shows_its_final_progress_not_the_last_throttled_one(cliapp):
+    pause = cliapp.directory / 'go-on'
+    cliapp.configure(pause_file=pause)
+    runner = cliapp.start('run')
+    backend = cliapp.backend()
+    wait_until(lambda: getattr(backend.read_history().get('count_slowly'), 'progress_done',
+                               None) == 3, 'count_slowly stored 3/10', DEADLINE, 0.1)
+    pause.touch()  # then 4/10 .. 10/10 within a few milliseconds: throttled away
+    assert runner.finish().returncode == 0
+
+    record = backend.read_history()['count_slowly']
+    assert (record.state, record.progress_done, record.progress_total) == ('applied', 10, 10)
+    entry = cliapp.gearbox('status', '--json').json()['evolutions'][1]
+    assert entry['id'] == 'count_slowly' and entry['progress']['done'] == 10, entry
+    assert entry['progress']['percent'] == 100.0, entry
+    details = cliapp.gearbox('history', 'count_slowly')
+    assert 'progress:    10/10 (100%)' in details.stdout, details

@@ -124,12 +124,18 @@ class ProgressSink:
         self._state = state
         self._listener = listener
         self._logged_at = 0.0
+        self._last = None
+
+    def last(self):
+        """The last ``(done, total)`` reported, or None: recorded with ``applied``."""
+        return self._last
 
     def __call__(self, done, total):
         if self._heartbeat.lost.is_set():
             raise LeaseLost(f'lock lost while {self._evolution_id!r} ran')
         done = int(done)
         total = None if total is None else int(total)
+        self._last = (done, total)
         percent = min(100.0, 100.0 * done / total) if total else None
         self._state.progress = percent
         self._heartbeat.set_progress(self._evolution_id, done, total)

@@ -426,11 +426,11 @@ class Runner:
         running = self.backend.record_running(heartbeat.lease, evolution_id, fingerprint)
         log.info('evolving %r (%s, attempt %d)', evolution_id, step.reason, running.attempts)
         from .heartbeat import ProgressSink
-        evolution._progress_sink = ProgressSink(evolution_id, heartbeat, self.state,
-                                                self.listener)
+        sink = evolution._progress_sink = ProgressSink(evolution_id, heartbeat, self.state,
+                                                       self.listener)
         try:
             record = self.backend.apply(heartbeat.lease, evolution_id, evolution.evolve,
-                                        fingerprint)
+                                        fingerprint, final_progress=sink.last)
         except LeaseLost:
             heartbeat.lost.set()
             log.warning('lock lost while %r ran: %s', evolution_id,

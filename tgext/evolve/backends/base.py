@@ -186,7 +186,8 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def apply(self, lease: Lease, evolution_id: str, work: Callable[[], None],
-              fingerprint: Optional[str] = None) -> HistoryRecord:
+              fingerprint: Optional[str] = None,
+              final_progress: Optional[Callable[[], Optional[tuple]]] = None) -> HistoryRecord:
         """Run ``work()`` and record the evolution ``applied``.
 
         The work's writes through the application's session, the fencing check and the
@@ -194,7 +195,9 @@ class Backend(abc.ABC):
         (:attr:`atomic_apply`).  If ``work()`` raises, its writes are rolled back and the
         exception propagates unchanged; if the fencing check fails, everything is rolled back
         and LeaseLost is raised.  Nothing is recorded as failed here: see
-        :meth:`record_failure`.
+        :meth:`record_failure`.  ``final_progress()``, called once ``work()`` returned, gives
+        the last ``(done, total)`` the evolution reported (or None): recorded with ``applied``,
+        not the last throttled progress write.
         """
 
     @abc.abstractmethod
@@ -204,7 +207,8 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def record_progress(self, lease: Lease, evolution_id: str, done: int,
                         total: Optional[int]) -> None:
-        """Store the progress of a running evolution."""
+        """Store the progress of a running evolution; nothing once it is no longer running (a
+        late, throttled write must not overwrite the final figure)."""
 
     @abc.abstractmethod
     def record_states(self, lease: Lease, evolution_ids: Iterable[str], state: str) -> None:

@@ -313,7 +313,9 @@ class MingBackend(base.Backend):
                 count_attempt=True)
 
     def apply(self, lease: records.Lease, evolution_id: str, work: Callable[[], None],
-              fingerprint: Optional[str] = None) -> records.HistoryRecord:
+              fingerprint: Optional[str] = None,
+              final_progress: Optional[Callable[[], Optional[tuple]]] = None
+              ) -> records.HistoryRecord:
         # Checked before the work too, so that a lease lost since record_running does not start
         # work that nothing could ever record.
         with self._guard():
@@ -331,6 +333,9 @@ class MingBackend(base.Backend):
         finished = {'state': records.APPLIED, 'error': None}
         if fingerprint is not None:
             finished['fingerprint'] = fingerprint
+        progress = final_progress() if final_progress is not None else None
+        if progress is not None:
+            finished.update(progress_done=progress[0], progress_total=progress[1])
         return self._finish(lease, evolution_id, finished)
 
     def record_failure(self, lease: records.Lease, evolution_id: str,
@@ -343,7 +348,7 @@ class MingBackend(base.Backend):
             now = time.time()
             self._fence(lease, now)
             self._history.update_one(
-                {'_id': evolution_id},
+                {'_id': evolution_id, 'state': records.RUNNING},
                 {'$set': {'progress_done': done, 'progress_total': total, 'progress_at': now}})
 
     def record_states(self, lease: records.Lease, evolution_ids: Iterable[str], state: str) -> None:

@@ -358,11 +358,14 @@ class SQLAlchemyBackend(Backend):
             self.session.remove()
         return record
 
-    def apply(self, lease, evolution_id, work, fingerprint=None):
+    def apply(self, lease, evolution_id, work, fingerprint=None, final_progress=None):
         def finish(conn, _):
             self._fence(conn, lease)
+            progress = final_progress() if final_progress is not None else None
+            shown = {} if progress is None else dict(progress_done=progress[0],
+                                                     progress_total=progress[1])
             return self._record_finished(conn, lease, evolution_id, APPLIED, error=None,
-                                         fingerprint=fingerprint)
+                                         fingerprint=fingerprint, **shown)
 
         return self._in_app_transaction(work, finish)
 
@@ -376,7 +379,8 @@ class SQLAlchemyBackend(Backend):
         with self.engine.begin() as conn:
             self._fence(conn, lease)
             conn.execute(history_table.update()
-                         .where(history_table.c.evolution_id == evolution_id)
+                         .where(history_table.c.evolution_id == evolution_id,
+                                history_table.c.state == RUNNING)
                          .values(progress_done=done, progress_total=total,
                                  progress_at=db_now()))
 
