@@ -204,3 +204,31 @@ def test_an_applied_evolution_shows_its_final_progress_not_the_last_throttled_on
     assert entry['progress']['percent'] == 100.0, entry
     details = cliapp.gearbox('history', 'count_slowly')
     assert 'progress:    10/10 (100%)' in details.stdout, details
+
+
+# --- in-memory databases (item 17) ---------------------------------------------------------------
+
+IN_MEMORY = 'warning: this application\'s database is in memory'
+
+
+@SQLITE_ONLY
+def test_every_command_against_an_in_memory_database_says_it_has_its_own(cliapp, monkeypatch):
+    on_disk = cliapp.gearbox('status')
+    assert IN_MEMORY not in on_disk.stderr, on_disk
+
+    (cliapp.directory / 'mim.ini').write_text(
+        '[app:main]\nuse = call:cliapp.config.application:make_app\nming.url = mim:///cliapp\n')
+    monkeypatch.setenv('CLIAPP_MING', '1')
+    mark = cliapp.gearbox('mark', '-c', 'mim.ini', 'seed_effects')
+    assert mark.returncode == 0, mark
+    assert IN_MEMORY in mark.stderr, mark
+    status = cliapp.gearbox('status', '-c', 'mim.ini')
+    assert IN_MEMORY in status.stderr, status
+    # What the warning is about: the mark above went to a database that no longer exists.
+    assert status_lines(status)['seed_effects'] == ('pending', 'never applied'), status
+
+    monkeypatch.delenv('CLIAPP_MING')
+    cliapp.url = 'sqlite://'
+    cliapp.configure()
+    memory = cliapp.gearbox('status')
+    assert IN_MEMORY in memory.stderr, memory

@@ -97,6 +97,9 @@ class EvolveCommand(Command):
     def take_action(self, opts):
         try:
             service = operations.load_service(opts.config_file, opts.app_name)
+            warning = operations.process_local_warning(service)
+            if warning is not None:
+                _error(warning)
             return _VERBS[opts.verb](service, opts)
         except (ConfigurationError, OperationRefused) as e:
             _error(e)

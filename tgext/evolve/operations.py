@@ -66,6 +66,17 @@ def load_service(config_file, app_name='main', relative_to=None):
     return service_for_config(tg_conf)
 
 
+def process_local_warning(service):
+    """What to tell an operator whose application's database exists only inside each process
+    (``mim://``, SQLite in memory), or None: every command then starts from an empty database
+    of its own, so ``run`` "applies" what the next ``status`` shows pending."""
+    if not service.backend.process_local:
+        return None
+    return ('warning: this application\'s database is in memory (mim:// or SQLite :memory:): '
+            'this command has an empty one of its own, gone when it exits, which no web process '
+            'and no other command ever sees')
+
+
 def _find_configurator(factory, config_file):
     """The configurator behind the app factory: ``base_config`` of the factory's module, as
     in a quickstarted project, else of ``<package>.config.app_cfg``."""

@@ -60,6 +60,10 @@ class Backend(abc.ABC):
     #: Whether :meth:`apply` commits the evolution's work and its history row atomically.
     atomic_apply: bool = False
 
+    #: A database that lives and dies with this process (Ming's ``mim://``, SQLite in memory):
+    #: no other process, not even the next ``gearbox evolve`` call, ever sees what it holds.
+    process_local: bool = False
+
     # --- set-up --------------------------------------------------------------------------------
 
     @abc.abstractmethod

@@ -106,7 +106,7 @@ class MingBackend(base.Backend):
     def __init__(self, db, session=None):
         self.db = db
         self.session = session
-        self._is_mim = isinstance(db, mim.Database)
+        self._is_mim = self.process_local = isinstance(db, mim.Database)
 
     # Collections are looked up on every call rather than kept: MIM forgets a dropped collection
     # object, so one kept across a test's drop would no longer be the one the database holds.

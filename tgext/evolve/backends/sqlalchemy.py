@@ -81,6 +81,8 @@ class SQLAlchemyBackend(Backend):
     def __init__(self, engine, session=None):
         self._session_engine = engine  # the one the session knows: apply() joins its transaction
         self.engine = unprepared_engine(engine)
+        self.process_local = (engine.dialect.name == 'sqlite'
+                              and engine.url.database in (None, '', ':memory:'))
         self._owns_session = session is None
         if session is None:
             session = scoped_session(sessionmaker(bind=engine))
