@@ -232,3 +232,48 @@ def test_every_command_against_an_in_memory_database_says_it_has_its_own(cliapp,
     cliapp.configure()
     memory = cliapp.gearbox('status')
     assert IN_MEMORY in memory.stderr, memory
+
+
+# --- a baseline for a new install (item 16) ------------------------------------------------------
+
+def _setup_app(cliapp):
+    """``cliapp.websetup.setup_app`` called the way ``gearbox setup-app`` calls it."""
+    script = ('import sys; from paste.deploy import appconfig; '
+              'from cliapp.websetup import setup_app; '
+              'setup_app(None, appconfig("config:" + sys.argv[1]), {})')
+    return subprocess.run([sys.executable, '-c', script, str(cliapp.ini)], cwd=cliapp.directory,
+                          env=cliapp.env(), capture_output=True, text=True, timeout=180)
+
+
+@SQL_DATABASES
+def test_websetup_baseline_records_every_evolution_on_a_new_database_only(cliapp):
+    setup = _setup_app(cliapp)
+    assert setup.returncode == 0, setup.stderr
+    assert {i: r.state for i, r in cliapp.history().items()} == dict.fromkeys(IDS, 'marked')
+    run = cliapp.gearbox('run')
+    assert run.returncode == 0 and 'nothing to do' in run.stdout, run
+    assert cliapp.effects() == collections.Counter()  # none of the old evolutions ran
+
+    assert cliapp.gearbox('unmark', 'maybe_fail').returncode == 0
+    again = _setup_app(cliapp)  # setup-app once more, on a database that has a history
+    assert again.returncode == 0, again.stderr
+    assert 'maybe_fail' not in cliapp.history()  # still pending: not skipped by the baseline
+
+
+@SQLITE_ONLY
+def test_mark_all_records_every_registered_evolution(cliapp):
+    cliapp.configure(fail='true')
+    assert cliapp.gearbox('run').returncode == 1  # two applied, maybe_fail failed
+    before = cliapp.history()
+
+    mark = cliapp.gearbox('mark', '--all')
+    assert mark.returncode == 0, mark
+    assert 'marked as applied: maybe_fail' in mark.stdout, mark
+    assert 'already applied, left as recorded: seed_effects, count_slowly' in mark.stdout, mark
+    after = cliapp.history()
+    assert after['maybe_fail'].state == 'marked'
+    assert after['seed_effects'] == before['seed_effects']
+
+    for args in (['mark'], ['mark', '--all', 'seed_effects'], ['unmark', '--all']):
+        refused = cliapp.gearbox(*args)
+        assert refused.returncode == 2, refused

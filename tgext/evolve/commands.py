@@ -64,8 +64,11 @@ class EvolveCommand(Command):
                              help='give up (exit 3) after waiting this long for the lock '
                                   '(default: wait as long as it takes)')
 
-        def takes_ids(sub, force_help):
-            sub.add_argument('ids', nargs='+', metavar='ID', help='evolution ids')
+        def takes_ids(sub, force_help, every_help=None):
+            sub.add_argument('ids', nargs='*' if every_help else '+', metavar='ID',
+                             help='evolution ids')
+            if every_help:
+                sub.add_argument('--all', action='store_true', dest='every', help=every_help)
             if force_help:
                 sub.add_argument('--force', action='store_true', help=force_help)
             waits(sub)
@@ -81,7 +84,9 @@ class EvolveCommand(Command):
         plan.add_argument('--json', action='store_true', help='machine-readable output')
         waits(verb('run', 'run the pending evolutions here, in the foreground'))
         takes_ids(verb('mark', 'record evolutions as applied without running them'),
-                  'also record ids no registered evolution has')
+                  'also record ids no registered evolution has',
+                  'every registered evolution (a baseline for a database built by this '
+                  'release)')
         takes_ids(verb('unmark', 'forget evolutions, so that the next run runs them'),
                   'also forget ids no registered evolution has')
         takes_ids(verb('retry', 'clear a failed state, so that the next run retries it'), None)
@@ -426,8 +431,15 @@ _HISTORY_WRITES = {
 
 def _mark_or_unmark(service, opts):
     operation, changed, unchanged = _HISTORY_WRITES[opts.verb]
-    result = operation(service, opts.ids, force=opts.force, on_wait=_WaitReporter(),
-                       timeout=opts.timeout)
+    if getattr(opts, 'every', False):
+        if opts.ids or opts.force:
+            raise OperationRefused('mark: --all takes no ids and no --force')
+        result = operations.mark_all(service, on_wait=_WaitReporter(), timeout=opts.timeout)
+    elif not opts.ids:
+        raise OperationRefused(f'{opts.verb}: name the evolutions (ID ...), or use --all')
+    else:
+        result = operation(service, opts.ids, force=opts.force, on_wait=_WaitReporter(),
+                           timeout=opts.timeout)
     for said, ids in ((changed, result.changed), (unchanged, result.unchanged)):
         if ids:
             _say(f'{said}: {", ".join(ids)}')

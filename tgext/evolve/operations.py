@@ -358,6 +358,38 @@ def mark(service, ids, *, force=False, on_wait=None, timeout=None):
     return WriteResult(marked, done)
 
 
+def mark_all(service, *, on_wait=None, timeout=None):
+    """Record every registered evolution as applied without running it (``mark --all``): the
+    baseline of a database built by this release's code.  Those already done keep their
+    record."""
+    return mark(service, [e.evolution_id for e in run_order(service.evolutions)],
+                on_wait=on_wait, timeout=timeout)
+
+
+def baseline(config, *, timeout=None):
+    """Record every registered evolution as applied on a freshly created database; return the
+    ids recorded (nothing, on a database whose history is not empty).
+
+    For ``websetup`` (``gearbox setup-app``), right after creating the schema from the
+    current model, as quickstart stamps Alembic's head: the data is already in the shape
+    every evolution would give it.  ``config`` is the application's configuration
+    (``tg.config`` in websetup).  A database that has any tgext.evolve history (or the 0.0.5
+    state) is not fresh and is left alone, so running setup-app again never skips a pending
+    evolution; nor does anything happen when tgext.evolve is disabled (test suites).
+    """
+    service = service_for_config(config)
+    if service is None:
+        if SERVICE_KEY not in config:
+            raise ConfigurationError('tgext.evolve.baseline: tgext.evolve is not plugged into '
+                                     'this application (no tgext.evolve.plugme())')
+        return ()  # tgext.evolve.enabled = false
+    backend = service.backend
+    if backend.read_history(errors=False) or backend.read_legacy() is not None:
+        log.info('baseline: the database has a history already: nothing recorded')
+        return ()
+    return mark_all(service, timeout=timeout).changed
+
+
 def unmark(service, ids, *, force=False, on_wait=None, timeout=None):
     """Forget evolutions' history, so that the next run runs them again.
 
