@@ -2,6 +2,7 @@
 ``tests/cliapp`` application, as in ``test_cli.py`` (whose helpers these tests share)."""
 import collections
 import getpass
+import json
 import os
 import re
 import socket
@@ -14,6 +15,7 @@ import sqlalchemy as sa
 from polling import wait_until
 from test_cli import (DEADLINE, IDS, OTHER, OWNER_PATTERN, SQL_DATABASES, SQLITE_ONLY,  # noqa: F401
                       cliapp, status_lines)
+from tgext.evolve.backends.base import BatchCheckpoint
 from tgext.evolve.errors import LeaseLost
 
 pytestmark = pytest.mark.slow
@@ -277,3 +279,53 @@ def test_mark_all_records_every_registered_evolution(cliapp):
     for args in (['mark'], ['mark', '--all', 'seed_effects'], ['unmark', '--all']):
         refused = cliapp.gearbox(*args)
         assert refused.returncode == 2, refused
+
+
+# --- batched evolutions' figures -----------------------------------------------------------------
+
+def _batches_by_another_process(cliapp, batches):
+    """The test process runs ``batches`` batches of 100 items of ``count_slowly`` as a batched
+    evolution would (1000 items, 50 items/s, next batch 200) and keeps the lock."""
+    holder = cliapp.backend()
+    lease = holder.acquire(OTHER, 600)
+    assert holder.upgrade_storage(lease)
+    holder.record_batches_running(lease, 'count_slowly', 100, 1000)
+    for number in range(1, batches + 1):
+        holder.run_batch(lease, 'count_slowly',
+                         lambda n=number: BatchCheckpoint(100, json.dumps(n * 100), False, 200,
+                                                          50.0))
+    return holder, lease
+
+
+@SQLITE_ONLY
+def test_status_and_history_show_a_batched_evolutions_figures_running_and_paused(cliapp):
+    holder, lease = _batches_by_another_process(cliapp, 3)
+
+    status = cliapp.gearbox('status')
+    state, detail = status_lines(status)['count_slowly']
+    assert state == 'running', status
+    assert detail.endswith(', 300/1000 (30%), 3 batches (next of 200), 50 items/s, about 14 s '
+                           f'left, by {OTHER}'), status
+    entry = cliapp.gearbox('status', '--json').json()['evolutions'][1]
+    assert entry['progress'] == {'done': 300, 'total': 1000, 'percent': 30.0, 'rate': 50.0,
+                                 'eta_seconds': 14.0, 'batches': 3, 'batch_size': 200}, entry
+    details = cliapp.gearbox('history', 'count_slowly')
+    assert 'checkpoint:  300 (the next batch starts after it)' in details.stdout, details
+    assert 'progress:    300/1000 (30%), 3 batches (next of 200)' in details.stdout, details
+    assert cliapp.gearbox('history', '--json', 'count_slowly').json()[0]['checkpoint'] == '300'
+
+    holder.record_paused(lease, 'count_slowly')
+    holder.release(lease)
+    paused = cliapp.gearbox('status')
+    assert paused.returncode == 1, paused
+    state, detail = status_lines(paused)['count_slowly']
+    assert state == 'paused', paused
+    assert detail == ('paused; resumes from its checkpoint (300 items done), 300/1000 (30%), '
+                      '3 batches (next of 200), 50 items/s, about 14 s left'), paused
+    entry = cliapp.gearbox('status', '--json').json()['evolutions'][1]
+    assert (entry['state'], entry['running_now'], entry['progress']['batches']) == (
+        'paused', False, 3), entry
+
+    # An evolution that is not batched has the same keys, null.
+    seed = cliapp.gearbox('status', '--json').json()['evolutions'][0]
+    assert seed['progress'] is None and seed['state'] == 'pending'

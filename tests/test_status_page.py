@@ -236,7 +236,7 @@ def test_status_json_is_the_document_gearbox_evolve_status_prints(page_apps, sql
     backfill = served['evolutions'][1]
     assert (backfill['state'], backfill['running_now'], backfill['progress']) == (
         'running', True, {'done': 3, 'total': 10, 'percent': 30.0, 'rate': None,
-                          'eta_seconds': None})
+                          'eta_seconds': None, 'batches': None, 'batch_size': None})
 
 
 @SQLITE

@@ -14,7 +14,7 @@ from gearbox.command import Command
 
 from . import logs, operations
 from .errors import ConfigurationError, EvolutionFailed, LockWaitTimeout, OperationRefused
-from .records import FAILED
+from .records import FAILED, PAUSED
 from .runner import RunListener
 from .status_document import error_summary as _error_summary, lock_document as _lock_json
 from .status_document import progress_document as _progress, record_fields, status_document
@@ -160,8 +160,26 @@ def _attempts(count):
 
 def _progress_text(progress):
     if progress['total']:
-        return f'{progress["done"]}/{progress["total"]} ({progress["percent"]:.0f}%)'
-    return f'{progress["done"]} done'
+        text = f'{progress["done"]}/{progress["total"]} ({progress["percent"]:.0f}%)'
+    else:
+        text = f'{progress["done"]} done'
+    if progress.get('batches') is not None:
+        text += f', {progress["batches"]} batch{"" if progress["batches"] == 1 else "es"}'
+        if progress.get('batch_size'):
+            text += f' (next of {progress["batch_size"]})'
+    if progress.get('rate'):
+        text += f', {progress["rate"]:.0f} items/s'
+    if progress.get('eta_seconds') is not None:
+        text += f', about {_seconds(progress["eta_seconds"])} left'
+    return text
+
+
+def _seconds(seconds):
+    if seconds < 120:
+        return f'{seconds:.0f} s'
+    if seconds < 7200:
+        return f'{seconds / 60:.0f} min'
+    return f'{seconds / 3600:.1f} h'
 
 
 def _lock_text(lock):
@@ -195,6 +213,9 @@ def _status_detail(evolution):
     if evolution.state == FAILED:
         return (f'{_when(record.finished_at)}, attempt {record.attempts}: '
                 f'{_error_summary(record.error)}')
+    if evolution.state == PAUSED:
+        progress = _recorded_progress(record)
+        return evolution.reason + (f', {_progress_text(progress)}' if progress else '')
     if evolution.reason is not None:
         return evolution.reason
     return f'{_when(record.finished_at)}, {_duration(record.duration_ms)}, by {record.owner}'
@@ -232,6 +253,8 @@ def _history_detail(record, registered):
              f'  owner:       {record.owner} (generation {record.generation})']
     if progress:
         lines.append(f'  progress:    {_progress_text(progress)}')
+    if record.checkpoint is not None:
+        lines.append(f'  checkpoint:  {record.checkpoint} (the next batch starts after it)')
     if record.fingerprint:
         lines.append(f'  fingerprint: {record.fingerprint}')
     if record.error:
@@ -244,7 +267,8 @@ def _history(service, opts):
     rows = operations.history(service, opts.ids)
     if opts.json:
         _print_json([dict({'id': r.evolution_id, 'registered': registered, 'state': r.state},
-                          **record_fields(r), traceback=r.error, fingerprint=r.fingerprint)
+                          **record_fields(r), traceback=r.error, fingerprint=r.fingerprint,
+                          checkpoint=r.checkpoint)
                      for r, registered in rows])
     elif opts.ids:
         for record, registered in rows:

@@ -24,8 +24,9 @@ from typing import Optional
 from . import logs
 from .errors import ConfigurationError, LockWaitTimeout, OperationRefused
 from .planning import fingerprints, missing_dependencies, plan as plan_steps, run_order
-from .records import BROKEN_BY_PREFIX, FAILED, MARKED, RUNNING, HistoryRecord, LockRecord
-from .runner import AGAIN, DONE, Runner, legacy_adoptions, make_owner
+from .records import (BROKEN_BY_PREFIX, FAILED, MARKED, PAUSED, RUNNING, HistoryRecord,
+                      LockRecord)
+from .runner import AGAIN, BATCH_FIELDS_VERSION, DONE, Runner, legacy_adoptions, make_owner
 from .service import SERVICE_KEY, service_for_config
 from .state import BLOCKED, MISCONFIGURED, READY
 
@@ -135,8 +136,10 @@ class PlanItem:
 
 def _read(service):
     # Read-only verbs create nothing and upgrade nothing: on a new database they read an
-    # empty history and no lock.
-    return service.backend.read_history(), service.backend.read_lock()
+    # empty history and no lock.  The checkpoints of batched evolutions once storage has them.
+    backend = service.backend
+    batches = backend.read_storage_version() >= BATCH_FIELDS_VERSION
+    return backend.read_history(batches=batches), backend.read_lock()
 
 
 def _plan(service, history, lock, *, check_dependencies=True):
@@ -182,7 +185,8 @@ def status(service):
         running_now = _running_now(record, lock)
         if running_now:
             reason = f'running now, by {record.owner}'
-        if record is None or (reason is not None and record.state not in (FAILED, RUNNING)):
+        if record is None or (reason is not None
+                              and record.state not in (FAILED, RUNNING, PAUSED)):
             state = PENDING
         else:
             state = record.state
