@@ -685,6 +685,15 @@ def test_acquire_after_break_lock(db, backend, lease):
     assert (new.owner, new.generation) == ('owner-B', 3)
 
 
+def test_break_lock_of_a_generation_breaks_only_that_one(db, backend, lease):
+    other = db.make_backend()
+    assert other.break_lock('operator@ops-host', generation=lease.generation + 1) is None
+    assert backend.read_lock().owner == lease.owner  # changed hands meanwhile: left alone
+    broken = other.break_lock('operator@ops-host', generation=lease.generation)
+    assert broken.owner == lease.owner
+    assert backend.read_lock().generation == lease.generation + 1
+
+
 def test_break_lock_never_acquired_returns_none(backend):
     assert backend.break_lock('operator@ops-host') is None
 
@@ -755,6 +764,20 @@ def test_record_failure_without_running_record(db, backend, lease):
     record = backend.record_failure(lease, 'evo-1', 'Traceback')
     assert (record.state, record.error) == (FAILED, 'Traceback')
     assert db.make_backend().read_history()['evo-1'].state == FAILED
+
+
+def test_apply_records_the_final_progress_and_a_late_progress_write_keeps_it(backend, lease):
+    backend.record_running(lease, 'evo-1')
+    backend.record_progress(lease, 'evo-1', 13, 22)  # the last throttled write
+    record = backend.apply(lease, 'evo-1', lambda: None, final_progress=lambda: (22, 22))
+    assert (record.state, record.progress_done, record.progress_total) == (APPLIED, 22, 22)
+    backend.record_progress(lease, 'evo-1', 13, 22)  # the heartbeat, late
+    record = backend.read_history()['evo-1']
+    assert (record.state, record.progress_done, record.progress_total) == (APPLIED, 22, 22)
+
+    backend.record_running(lease, 'evo-2')  # reported nothing: nothing recorded
+    record = backend.apply(lease, 'evo-2', lambda: None, final_progress=lambda: None)
+    assert (record.progress_done, record.progress_total) == (None, None)
 
 
 def test_record_progress_stores_progress(backend, lease):

@@ -241,7 +241,7 @@ def status_lines(finished):
     """``{evolution_id: (state, detail)}`` from the text of ``status``."""
     lines = {}
     for line in finished.stdout.splitlines():
-        match = re.match(r'  (\S+)\s+(pending|running|applied|failed|adopted|marked)\s+(.*)$',
+        match = re.match(r'  (\S+)\s+(pending|running|paused|applied|failed|adopted|marked)\s+(.*)$',
                          line)
         if match:
             lines[match.group(1)] = (match.group(2), match.group(3))
@@ -417,7 +417,7 @@ def test_release_lock_refuses_a_live_lease_unless_forced(cliapp):
     assert f'broke the lock held by {OTHER}' in forced.stdout, forced
     lock = holder.read_lock()
     assert lock.owner is None and lock.generation == lease.generation + 1
-    assert re.fullmatch(rf'{OWNER_PATTERN} \(user {re.escape(getpass.getuser())}\)',
+    assert re.fullmatch(rf'broken by {OWNER_PATTERN} \(user {re.escape(getpass.getuser())}\)',
                         lock.released_by), lock.released_by
     with pytest.raises(LeaseLost):
         holder.renew(lease)  # the old holder's fenced writes fail from now on
@@ -489,7 +489,8 @@ def test_status_shows_the_progress_and_lock_of_a_running_evolution(cliapp):
     running = report['evolutions'][1]
     assert running['state'] == 'running' and running['reason'] == f'running now, by {owner}'
     assert running['progress'] == {'done': 3, 'total': 10, 'percent': 30.0, 'rate': None,
-                                   'eta_seconds': None}
+                                   'eta_seconds': None, 'batches': None,
+                                   'batch_size': None}
     assert running['running_now'] is True
     assert report['lock']['owner'] == owner and report['lock']['held'] is True
     assert 0 < report['lock']['expires_in'] <= 15

@@ -130,7 +130,8 @@ def test_readonly_serves_reads_and_refuses_writes_while_evolving(tg_apps, sql_ur
         assert response.status_int == 503, (method, response)
         assert response.headers['Retry-After'] == str(RETRY_AFTER)
         if gate == 'error-page':
-            assert response.text == f'{ERROR_PAGE_MARK}: 503 Upgrading, back in a moment'
+            assert response.text == (f'{ERROR_PAGE_MARK}: 503 Upgrading, back in a moment '
+                                     f'(refresh after {RETRY_AFTER} s)')
         else:
             assert 'Upgrading, back in a moment' in response.text
     missing = app.request('/no/such/page')
@@ -141,3 +142,29 @@ def test_readonly_serves_reads_and_refuses_writes_while_evolving(tg_apps, sql_ur
 
     slow.release.set()
     wait_until(lambda: app.request('/', method='POST').status_int == 200, 'POST served')
+
+
+def test_error_page_gate_answers_json_with_progress_and_a_page_never_cached(tg_apps, sql_url):
+    model = tg_apps.model(('sqlite', sql_url))
+    reporting = ReportingEvolution('reports_progress', model)
+    app = tg_apps.build(FULLSTACK, model, [reporting], options={'retry_after': RETRY_AFTER},
+                        blueprint=ERROR_PAGE_BLUEPRINT)
+    wait_until(lambda: json_503(app)[1].get('progress') == 25.0, 'progress 25 %')
+    body, payload = json_503(app)
+    assert payload == {'status': 503, 'message': 'Upgrading, back in a moment',
+                       'retry_after': RETRY_AFTER, 'progress': 25.0}
+    assert ERROR_PAGE_MARK not in body and 'reports_progress' not in body
+    assert app.request('/', accept=JSON_CLIENT).headers['Cache-Control'] == 'no-store'
+
+    for accept in (None, BROWSER):
+        page = app.request('/', accept=accept)
+        assert page.status_int == 503, page
+        # The application's page, which can refresh itself after retry_after, never cached.
+        assert page.text == (f'{ERROR_PAGE_MARK}: 503 Upgrading, back in a moment '
+                             f'(refresh after {RETRY_AFTER} s)')
+        assert page.headers['Retry-After'] == str(RETRY_AFTER)
+        assert page.headers['Cache-Control'] == 'no-store'
+
+    reporting.go_on.set()
+    reporting.release.set()
+    app.wait_until_serving()

@@ -326,12 +326,12 @@ def assert_503_bodies_reveal_nothing(app, secrets, gate):
             body = response.text
             for secret in (*secrets, *LEAKS):
                 assert secret not in body, (secret, accept, body)
-            if gate == 'error-page':
-                assert ERROR_PAGE_MARK in body  # the application's page, whatever was asked
-            elif wants_json:
+            if wants_json:  # whichever gate: the JSON body, not the application's page
                 payload = json.loads(body)
                 assert payload['status'] == 503
                 assert payload['retry_after'] == RETRY_AFTER
+            elif gate == 'error-page':
+                assert ERROR_PAGE_MARK in body  # the application's page
             else:
                 assert response.content_type == 'text/html'
                 assert 'Upgrading' in body

@@ -254,9 +254,12 @@ def _root_controller():
     class ErrorController(TGController):
         @expose()
         def document(self, *args, **kwargs):
-            # What a quickstarted ErrorController shows: the original response's detail.
+            # What a quickstarted ErrorController shows: the original response's detail; and
+            # what README suggests for a 503: refresh after its Retry-After.
             original = tg.request.environ.get('tg.original_response')
-            return f'{ERROR_PAGE_MARK}: {original.status_int} {original.detail}'
+            retry_after = original.headers.get('Retry-After')
+            refresh = f' (refresh after {retry_after} s)' if retry_after else ''
+            return f'{ERROR_PAGE_MARK}: {original.status_int} {original.detail}{refresh}'
 
     class RootController(TGController):
         error = ErrorController()

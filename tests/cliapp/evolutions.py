@@ -50,6 +50,8 @@ class CountSlowly(_RecordsItself):
 
 class MaybeFail(_RecordsItself):
     evolution_id = 'maybe_fail'
+    # A test gives it a dependency that nothing registers (read when the app is imported).
+    depends_on = tuple(filter(None, [os.environ.get('CLIAPP_MAYBE_FAIL_DEPENDS_ON')]))
 
     def evolve(self):
         self.record()

@@ -11,6 +11,13 @@ from .status_page import EvolveStatusController
 
 __version__ = '1.0.0.dev0'
 
-__all__ = ['plugme', 'Evolution', 'BatchEvolution', 'AlembicUpgrade', 'EvolveStatusController',
+
+def baseline(config, *, timeout=None):
+    """Record every registered evolution as applied on a freshly created database (call it in
+    ``websetup`` after creating the schema): see :func:`tgext.evolve.operations.baseline`."""
+    from .operations import baseline as record_baseline  # only setup-app pays its import
+    return record_baseline(config, timeout=timeout)
+
+__all__ = ['plugme', 'baseline', 'Evolution', 'BatchEvolution', 'AlembicUpgrade', 'EvolveStatusController',
            'EvolveError', 'ConfigurationError', 'LeaseLost', 'EvolutionFailed',
            'OperationRefused', 'LockWaitTimeout', '__version__']

@@ -16,7 +16,7 @@ from gearbox.command import Command
 
 from . import logs, operations
 from .errors import ConfigurationError, EvolutionFailed, LockWaitTimeout, OperationRefused
-from .records import FAILED
+from .records import FAILED, PAUSED
 from .runner import RunListener
 from .status_document import error_summary as _error_summary, lock_document as _lock_json
 from .status_document import progress_document as _progress, record_fields, status_document
@@ -49,23 +49,28 @@ class EvolveCommand(Command):
     def get_parser(self, prog_name):
         parser = super().get_parser(prog_name)
         parser.formatter_class = argparse.RawDescriptionHelpFormatter
-        parser.add_argument('-c', '--config', dest='config_file', default='development.ini',
-                            help='the application\'s .ini (default: development.ini)')
-        parser.add_argument('-n', '--app-name', default='main',
-                            help='its [app:NAME] section (default: main)')
+        _application_options(parser, 'development.ini', 'main')
+        # The same options after the verb (gearbox users type ``setup-app -c x.ini``); there
+        # they have no default, so that one given before the verb is not overwritten, and no
+        # place in each verb's usage line (the epilog says it once).
+        after_verb = argparse.ArgumentParser(add_help=False)
+        _application_options(after_verb, argparse.SUPPRESS, argparse.SUPPRESS, shown=False)
         verbs = parser.add_subparsers(dest='verb', metavar='VERB', required=True)
 
         def verb(name, help_text):
             return verbs.add_parser(name, help=help_text, description=help_text,
-                                    add_help=False)
+                                    add_help=False, parents=[after_verb])
 
         def waits(sub):
             sub.add_argument('--timeout', type=float, metavar='SECONDS',
                              help='give up (exit 3) after waiting this long for the lock '
                                   '(default: wait as long as it takes)')
 
-        def takes_ids(sub, force_help):
-            sub.add_argument('ids', nargs='+', metavar='ID', help='evolution ids')
+        def takes_ids(sub, force_help, every_help=None):
+            sub.add_argument('ids', nargs='*' if every_help else '+', metavar='ID',
+                             help='evolution ids')
+            if every_help:
+                sub.add_argument('--all', action='store_true', dest='every', help=every_help)
             if force_help:
                 sub.add_argument('--force', action='store_true', help=force_help)
             waits(sub)
@@ -87,7 +92,9 @@ class EvolveCommand(Command):
 
         waits(reports(verb('run', 'run the pending evolutions here, in the foreground')))
         takes_ids(reports(verb('mark', 'record evolutions as applied without running them')),
-                  'also record ids no registered evolution has')
+                  'also record ids no registered evolution has',
+                  'every registered evolution (a baseline for a database built by this '
+                  'release)')
         takes_ids(reports(verb('unmark', 'forget evolutions, so that the next run runs them')),
                   'also forget ids no registered evolution has')
         takes_ids(reports(verb('retry', 'run a failed evolution again (a batched one from its '
@@ -103,7 +110,8 @@ class EvolveCommand(Command):
             help='break the lock even while its lease is valid (recorded with your name)')
         usages = ''.join('  ' + sub.format_usage()[len('usage: '):]
                          for sub in verbs.choices.values())
-        parser.epilog = f'verbs:\n{usages}\n{EXIT_CODES}'
+        parser.epilog = (f'verbs (-c and -n may also follow the verb):\n{usages}\n'
+                         f'{EXIT_CODES}')
         return parser
 
     def take_action(self, opts):
@@ -128,6 +136,9 @@ class EvolveCommand(Command):
     def _take_action(self, opts):
         try:
             service = operations.load_service(opts.config_file, opts.app_name)
+            warning = operations.process_local_warning(service)
+            if warning is not None:
+                _error(warning)
             return _VERBS[opts.verb](service, opts)
         except (ConfigurationError, OperationRefused) as e:
             _error(e)
@@ -143,6 +154,15 @@ class EvolveCommand(Command):
                 raise  # gearbox --debug prints the traceback
             _error(f'{type(e).__name__}: {e}')
             return EXIT_ERROR
+
+
+def _application_options(parser, config_default, app_name_default, shown=True):
+    parser.add_argument('-c', '--config', dest='config_file', default=config_default,
+                        help='the application\'s .ini (default: development.ini)' if shown
+                        else argparse.SUPPRESS)
+    parser.add_argument('-n', '--app-name', default=app_name_default,
+                        help='its [app:NAME] section (default: main)' if shown
+                        else argparse.SUPPRESS)
 
 
 # --- output helpers ------------------------------------------------------------------------------
@@ -209,15 +229,36 @@ def _attempts(count):
 
 def _progress_text(progress):
     if progress['total']:
-        return f'{progress["done"]}/{progress["total"]} ({progress["percent"]:.0f}%)'
-    return f'{progress["done"]} done'
+        text = f'{progress["done"]}/{progress["total"]} ({progress["percent"]:.0f}%)'
+    else:
+        text = f'{progress["done"]} done'
+    if progress.get('batches') is not None:
+        text += f', {progress["batches"]} batch{"" if progress["batches"] == 1 else "es"}'
+        if progress.get('batch_size'):
+            text += f' (next of {progress["batch_size"]})'
+    if progress.get('rate'):
+        text += f', {progress["rate"]:.0f} items/s'
+    if progress.get('eta_seconds') is not None:
+        text += f', about {_seconds(progress["eta_seconds"])} left'
+    return text
+
+
+def _seconds(seconds):
+    if seconds < 120:
+        return f'{seconds:.0f} s'
+    if seconds < 7200:
+        return f'{seconds / 60:.0f} min'
+    return f'{seconds / 3600:.1f} h'
 
 
 def _lock_text(lock):
     if lock is None:
         return 'lock: never taken'
     if lock.owner is None:
-        by = f', released by {lock.released_by}' if lock.released_by else ''
+        if lock.broken_by:
+            by = f', broken by {lock.broken_by}'
+        else:
+            by = f', released by {lock.released_by}' if lock.released_by else ''
         return f'lock: free (generation {lock.generation}{by})'
     if lock.held:
         return (f'lock: held by {lock.owner} (generation {lock.generation}) since '
@@ -241,6 +282,9 @@ def _status_detail(evolution):
     if evolution.state == FAILED:
         return (f'{_when(record.finished_at)}, attempt {record.attempts}: '
                 f'{_error_summary(record.error)}')
+    if evolution.state == PAUSED:
+        progress = _recorded_progress(record)
+        return evolution.reason + (f', {_progress_text(progress)}' if progress else '')
     if evolution.reason is not None:
         return evolution.reason
     return f'{_when(record.finished_at)}, {_duration(record.duration_ms)}, by {record.owner}'
@@ -278,6 +322,8 @@ def _history_detail(record, registered):
              f'  owner:       {record.owner} (generation {record.generation})']
     if progress:
         lines.append(f'  progress:    {_progress_text(progress)}')
+    if record.checkpoint is not None:
+        lines.append(f'  checkpoint:  {record.checkpoint} (the next batch starts after it)')
     if record.fingerprint:
         lines.append(f'  fingerprint: {record.fingerprint}')
     if record.error:
@@ -312,6 +358,7 @@ def _history(service, opts):
     if opts.json:
         _print_json([dict({'id': r.evolution_id, 'registered': registered, 'state': r.state},
                           **record_fields(r), traceback=r.error, fingerprint=r.fingerprint,
+                          checkpoint=r.checkpoint,
                           **({'audit': [_audit_json(e) for e in trails[r.evolution_id]]}
                              if opts.ids else {}))
                      for r, registered in rows])
@@ -514,8 +561,15 @@ _HISTORY_WRITES = {
 
 def _mark_or_unmark(service, opts):
     operation, changed, unchanged = _HISTORY_WRITES[opts.verb]
-    result = operation(service, opts.ids, force=opts.force, on_wait=_WaitReporter(),
-                       timeout=opts.timeout)
+    if getattr(opts, 'every', False):
+        if opts.ids or opts.force:
+            raise OperationRefused('mark: --all takes no ids and no --force')
+        result = operations.mark_all(service, on_wait=_WaitReporter(), timeout=opts.timeout)
+    elif not opts.ids:
+        raise OperationRefused(f'{opts.verb}: name the evolutions (ID ...), or use --all')
+    else:
+        result = operation(service, opts.ids, force=opts.force, on_wait=_WaitReporter(),
+                           timeout=opts.timeout)
     for said, ids in ((changed, result.changed), (unchanged, result.unchanged)):
         if ids:
             _say(f'{said}: {", ".join(ids)}')
@@ -570,8 +624,8 @@ def _release_lock(service, opts):
     if result.action == 'free':
         _say('the lock is free: nothing to release')
     elif result.action == 'released':
-        _say(f'released the lock left by {lock.owner} (generation {lock.generation}, lease '
-             f'expired)')
+        _say(f'released the lock left by {lock.owner} (generation {lock.generation}, '
+             f'{result.why})')
     else:
         _say(f'broke the lock held by {lock.owner} (generation {lock.generation}); recorded as '
              f'broken by {result.broken_by}')

@@ -129,9 +129,10 @@ class ForkGatedBackend:
                 return work()
         return ungated_work
 
-    def apply(self, lease, evolution_id, work, fingerprint=None):
+    def apply(self, lease, evolution_id, work, fingerprint=None, final_progress=None):
         with self._gate.call():
-            return self._backend.apply(lease, evolution_id, self._ungated(work), fingerprint)
+            return self._backend.apply(lease, evolution_id, self._ungated(work), fingerprint,
+                                       final_progress)
 
     def run_batch(self, lease, evolution_id, work):
         # A batch's work runs the application's code, like evolve(): a fork does not wait.

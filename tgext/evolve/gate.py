@@ -94,10 +94,14 @@ class GateDecision:
 
     def response(self, environ):
         """The 503 this gate answers, as an exception a controller raises: for a request
-        the gate let through that must get what everyone else gets (see may_pass)."""
-        if self.service.renders_error_page:
-            return HTTPServiceUnavailable(detail=MESSAGE,
-                                          headers={'Retry-After': self.retry_after})
+        the gate let through that must get what everyone else gets (see may_pass).
+
+        With the application's ErrorController rendering the 503, a client that asks for
+        JSON still gets the JSON body (ErrorPage re-renders only HTML responses); the others
+        get an exception whose ``Retry-After`` header the ErrorController can read to refresh
+        its page after that many seconds."""
+        if self.service.renders_error_page and not wants_json(environ):
+            return HTTPServiceUnavailable(detail=MESSAGE, headers=dict(self.headers))
         content_type, body = self.body(environ)
         return HTTPServiceUnavailable(body=body, headerlist=[
             ('Content-Type', content_type), ('Content-Length', str(len(body))), *self.headers])
@@ -153,9 +157,13 @@ class MaintenanceApplicationWrapper(ApplicationWrapper):
             # readonly mode a GET's 404 comes back this way too, and must not get one).
             response = self.next_handler(controller, environ, context)
             if environ['tg.original_response'].status_int == 503:
-                response.headers['Retry-After'] = self.decision.retry_after
+                # TurboGears' own Cache-Control (no-cache) would let a cache keep the page.
+                response.headers.update(self.decision.headers)
             return response
         if self.decision.may_pass(environ):
             return self.next_handler(controller, environ, context)
+        if wants_json(environ):
+            # Even where errorpage.content_types lists JSON: the body is the gate's own.
+            context.request.state['status_code_redirect'] = False
         # Returned, not raised: a raised HTTPServiceUnavailable escapes ErrorPage.
         return self.decision.response(environ)

@@ -76,8 +76,8 @@ class Heartbeat:
                 else:
                     self.lease = self.backend.renew(self.lease)
             except LeaseLost:
-                log.warning('lock lost: another process took over (lease of %s s expired); '
-                            'stopping before the next evolution', self.lease.lease_seconds)
+                log.warning('lock lost: %s; stopping before the next evolution',
+                            how_lost(self.backend, self.lease))
                 self.lost.set()
                 return
             except Exception as e:
@@ -92,6 +92,28 @@ class Heartbeat:
             next_renewal = time.monotonic() + self.interval
 
 
+def how_lost(backend, lease):
+    """Why ``lease`` no longer holds the lock, as far as the lock record tells: broken by an
+    operator, or taken over after the lease expired.
+
+    A later acquisition clears ``released_by``; only the generation then tells that something
+    happened in between (a break, or a release, each adds one more).
+    """
+    expired = f'its lease of {lease.lease_seconds:g} s expired'
+    try:
+        lock = backend.read_lock(lease.name)
+    except Exception:  # the database went away meanwhile
+        return f'another process took it over ({expired}?)'
+    if lock is None or lock.owner is None:
+        if lock is not None and lock.broken_by is not None:
+            return f'broken by {lock.broken_by} (release-lock --force)'
+        return f'{expired}; released since'
+    if lock.generation == lease.generation + 1:
+        return f'{expired}; taken over by {lock.owner}'
+    return (f'now held by {lock.owner} (generation {lock.generation}); {expired} or it was '
+            f'broken meanwhile')
+
+
 class ProgressSink:
     """What ``Evolution.progress()`` calls: the gate state and ``listener`` at once, storage
     (through the heartbeat) and the log throttled."""
@@ -102,12 +124,18 @@ class ProgressSink:
         self._state = state
         self._listener = listener
         self._logged_at = 0.0
+        self._last = None
+
+    def last(self):
+        """The last ``(done, total)`` reported, or None: recorded with ``applied``."""
+        return self._last
 
     def __call__(self, done, total):
         if self._heartbeat.lost.is_set():
             raise LeaseLost(f'lock lost while {self._evolution_id!r} ran')
         done = int(done)
         total = None if total is None else int(total)
+        self._last = (done, total)
         percent = min(100.0, 100.0 * done / total) if total else None
         self._state.progress = percent
         self._heartbeat.set_progress(self._evolution_id, done, total)

@@ -23,9 +23,9 @@ from typing import Optional
 
 from . import logs
 from .errors import ConfigurationError, LockWaitTimeout, OperationRefused
-from .planning import fingerprints, plan as plan_steps, run_order
-from .records import (DONE_STATES, FAILED, MARKED, PAUSE, PAUSED, RESUME, RETRY, RUNNING,
-                      HistoryRecord, LockRecord)
+from .planning import fingerprints, missing_dependencies, plan as plan_steps, run_order
+from .records import (BROKEN_BY_PREFIX, DONE_STATES, FAILED, MARKED, PAUSE, PAUSED, RESUME, RETRY,
+                      RUNNING, HistoryRecord, LockRecord)
 from .runner import AGAIN, DONE, Runner, legacy_adoptions, make_owner
 from .service import SERVICE_KEY, service_for_config
 from .state import BLOCKED, MISCONFIGURED, READY
@@ -65,6 +65,17 @@ def load_service(config_file, app_name='main', relative_to=None):
             f'{config_file}: tgext.evolve is not plugged into this application (no '
             f'tgext.evolve.plugme() on its base_config)')
     return service_for_config(tg_conf)
+
+
+def process_local_warning(service):
+    """What to tell an operator whose application's database exists only inside each process
+    (``mim://``, SQLite in memory), or None: every command then starts from an empty database
+    of its own, so ``run`` "applies" what the next ``status`` shows pending."""
+    if not service.backend.process_local:
+        return None
+    return ('warning: this application\'s database is in memory (mim:// or SQLite :memory:): '
+            'this command has an empty one of its own, gone when it exits, which no web process '
+            'and no other command ever sees')
 
 
 def _find_configurator(factory, config_file):
@@ -138,13 +149,22 @@ def _read(service):
     return history, service.backend.read_lock()
 
 
-def _plan(service, history):
+def _plan(service, history, lock, *, check_dependencies=True):
     steps = plan_steps(service.evolutions, history,
-                       fingerprints(service.evolutions, service.config))
+                       fingerprints(service.evolutions, service.config),
+                       check_dependencies=check_dependencies)
     adopted = set(legacy_adoptions(service.evolutions, service.backend.read_legacy(), history))
     return [PlanItem(s.evolution_id, 'adopt', 'applied by tgext.evolve 0.0.5: recorded, not run')
-            if s.evolution_id in adopted else PlanItem(s.evolution_id, 'run', s.reason)
+            if s.evolution_id in adopted else PlanItem(s.evolution_id, 'run', _reason(s, lock))
             for s in steps]
+
+
+def _reason(step, lock):
+    # A running record is "interrupted" only once its holder is gone: while the live holder
+    # runs it, run waits for the lock and finds it applied (or resumes it).
+    if _running_now(step.record, lock):
+        return f'running now, by {step.record.owner}: run waits for it'
+    return step.reason
 
 
 def _running_now(record, lock):
@@ -153,9 +173,17 @@ def _running_now(record, lock):
 
 
 def status(service):
-    """Every registered evolution with its state, the lock, and history of unknown ids."""
+    """Every registered evolution with its state, the lock, and history of unknown ids.
+
+    A dependency neither registered nor done is shown in the reason of the evolution that has
+    it, where :func:`plan` and :func:`run` raise :class:`~.errors.ConfigurationError`."""
     history, lock = _read(service)
-    reasons = {item.evolution_id: item.reason for item in _plan(service, history)}
+    items = _plan(service, history, lock, check_dependencies=False)
+    reasons = {item.evolution_id: item.reason for item in items}
+    # Shown, not refused: run and plan refuse until the deployment is fixed.
+    for evolution_id, dependency in missing_dependencies(service.evolutions, history, items):
+        reasons[evolution_id] += (f'; depends on {dependency!r}, neither registered nor '
+                                  f'recorded as applied: run refuses until that is fixed')
     evolutions = []
     for evolution in run_order(service.evolutions):
         evolution_id = evolution.evolution_id
@@ -222,7 +250,8 @@ class Plan:
 def plan(service):
     """What :func:`run` would do now, in order, with the reason for each."""
     history, lock = _read(service)
-    return Plan(tuple(_plan(service, history)), lock if lock is not None and lock.held else None)
+    return Plan(tuple(_plan(service, history, lock)),
+                lock if lock is not None and lock.held else None)
 
 
 # --- running -------------------------------------------------------------------------------------
@@ -324,13 +353,16 @@ def _holding_lock(service, on_wait, timeout):
         backend.release(lease)
 
 
-def _refuse_unknown(service, ids, force, verb):
+def _refuse_unknown(service, ids, force, verb, forceable=True):
+    """Refuse ids no registered evolution has, unless ``force``; ``forceable=False`` for a
+    verb that has no ``--force`` to suggest."""
     registered = {e.evolution_id for e in service.evolutions}
     unknown = [i for i in ids if i not in registered]
     if unknown and not force:
+        way_out = f', or use --force to {verb} it anyway' if forceable else ''
         raise OperationRefused(
             f'{verb}: no registered evolution has the id {", ".join(map(repr, unknown))}; '
-            f'check the spelling, or use --force to {verb} it anyway')
+            f'check the spelling{way_out}')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -390,6 +422,38 @@ def mark(service, ids, *, force=False, operator=None, on_wait=None, timeout=None
     return WriteResult(marked, done)
 
 
+def mark_all(service, *, operator=None, on_wait=None, timeout=None):
+    """Record every registered evolution as applied without running it (``mark --all``): the
+    baseline of a database built by this release's code.  Those already done keep their
+    record."""
+    return mark(service, [e.evolution_id for e in run_order(service.evolutions)],
+                operator=operator, on_wait=on_wait, timeout=timeout)
+
+
+def baseline(config, *, timeout=None):
+    """Record every registered evolution as applied on a freshly created database; return the
+    ids recorded (nothing, on a database whose history is not empty).
+
+    For ``websetup`` (``gearbox setup-app``), right after creating the schema from the
+    current model, as quickstart stamps Alembic's head: the data is already in the shape
+    every evolution would give it.  ``config`` is the application's configuration
+    (``tg.config`` in websetup).  A database that has any tgext.evolve history (or the 0.0.5
+    state) is not fresh and is left alone, so running setup-app again never skips a pending
+    evolution; nor does anything happen when tgext.evolve is disabled (test suites).
+    """
+    service = service_for_config(config)
+    if service is None:
+        if SERVICE_KEY not in config:
+            raise ConfigurationError('tgext.evolve.baseline: tgext.evolve is not plugged into '
+                                     'this application (no tgext.evolve.plugme())')
+        return ()  # tgext.evolve.enabled = false
+    backend = service.backend
+    if backend.read_history(errors=False) or backend.read_legacy() is not None:
+        log.info('baseline: the database has a history already: nothing recorded')
+        return ()
+    return mark_all(service, timeout=timeout).changed
+
+
 def unmark(service, ids, *, force=False, operator=None, on_wait=None, timeout=None):
     """Forget evolutions' history records, so that the next run runs them again (from the
     start: a batched evolution's checkpoint goes too).
@@ -436,7 +500,7 @@ def retry(service, ids, *, operator=None, on_wait=None, timeout=None):
     asked (the status page passes the user TG identified); by default the OS user running
     this process."""
     ids = tuple(dict.fromkeys(ids))
-    _refuse_unknown(service, ids, False, 'retry')
+    _refuse_unknown(service, ids, False, 'retry', forceable=False)
     _refuse_not_failed(ids, service.backend.read_history(batches=_has_requests(service)))
     with _holding_lock(service, on_wait, timeout) as lease:
         history = service.backend.read_history(batches=True)
@@ -577,9 +641,29 @@ def resume(service, evolution_id, *, operator=None):
 
 @dataclasses.dataclass(frozen=True)
 class ReleaseResult:
-    action: str  # 'free' (nothing to do), 'released' (its lease had expired), 'broken'
+    action: str  # 'free' (nothing to do), 'released' (its holder is gone), 'broken'
     lock: Optional[LockRecord]  # the lock as it was before
     broken_by: Optional[str] = None
+    why: Optional[str] = None  # for 'released': how we know its holder is gone
+
+
+def _gone_from_this_host(owner):
+    """True when ``owner`` (``host:pid:token``) names this host and a PID no process has.
+
+    A hostname shared by machines (or by containers with their own PID namespaces, e.g. with
+    host networking) could make a live holder look gone: breaking its lock is still safe (its
+    next fenced write fails and rolls back), only its work is wasted.
+    """
+    host, pid, _token = (owner.rsplit(':', 2) + ['', ''])[:3]
+    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # PermissionError: it exists, under another user
+        return False
+    return False
 
 
 def operator_identity(owner, user=None):
@@ -596,11 +680,13 @@ def operator_identity(owner, user=None):
 def release_lock(service, *, force=False, operator=None):
     """Release a lock whose holder is gone.
 
-    A lock whose lease is still valid is refused unless ``force``: its holder is alive and
-    renewing it.  An expired one is taken and released in one compare-and-set, so that a
-    holder renewing at that very moment cannot lose it.  ``force`` breaks the lock whatever
-    its state and records who broke it; the holder's next fenced write then fails.  Only the
-    lock record is touched, which every storage version has: nothing is created or upgraded.
+    A lock whose lease is still valid is refused unless its holder is a process of this host
+    that no longer exists, or ``force``: otherwise its holder may be alive and renewing it.
+    An expired one is taken and released in one compare-and-set, so that a holder renewing
+    at that very moment cannot lose it.  ``force`` breaks the lock whatever its state and
+    records who broke it (``released_by`` ``broken by <who>``); the holder's next fenced
+    write then fails.  Only the lock record is touched, which every storage version has:
+    nothing is created or upgraded.
     """
     backend = service.backend
     lock = backend.read_lock()
@@ -608,17 +694,29 @@ def release_lock(service, *, force=False, operator=None):
         return ReleaseResult('free', lock)
     if force:
         broken_by = operator_identity(make_owner())
-        broken = backend.break_lock(broken_by) or lock
+        broken = backend.break_lock(BROKEN_BY_PREFIX + broken_by) or lock
         log.warning('lock of %s (generation %d) broken by %s', broken.owner, broken.generation,
                     broken_by)
         _audit_lock(service, operator, f'broke the lock held by {broken.owner} (generation '
                                        f'{broken.generation}, lease valid: {broken.held})')
         return ReleaseResult('broken', broken, broken_by)
+    if lock.held and _gone_from_this_host(lock.owner):
+        released_by = make_owner()
+        if backend.break_lock(released_by, lock.name, generation=lock.generation) is None:
+            raise OperationRefused(f'release-lock: the lock of {lock.owner} changed hands '
+                                   f'meanwhile')
+        pid = lock.owner.rsplit(':', 2)[1]
+        log.info('lock left by %s (generation %d, process %s gone from this host) released by '
+                 '%s', lock.owner, lock.generation, pid, released_by)
+        _audit_lock(service, operator, f'released the lock left by {lock.owner} (generation '
+                                       f'{lock.generation}, process {pid} gone from this host)')
+        return ReleaseResult('released', lock, why=f'process {pid} is gone from this host')
     if lock.held:
         raise OperationRefused(
             f'release-lock: the lock is held by {lock.owner} (generation {lock.generation}) and '
-            f'its lease is valid for another {lock.expires_in:.1f} s: that process is alive and '
-            f'renewing it.  Wait for it, or use --force if you know it is gone for good')
+            f'its lease is valid for another {lock.expires_in:.1f} s: that process may be alive '
+            f'and renewing it (it is not a gone process of this host).  Wait for it, or use '
+            f'--force if you know it is gone for good')
     lease = backend.acquire(make_owner(), service.settings.lease)
     if lease is None:
         taken = backend.read_lock()
@@ -629,7 +727,7 @@ def release_lock(service, *, force=False, operator=None):
              lock.generation, lease.owner)
     _audit_lock(service, operator, f'released the lock left by {lock.owner} (generation '
                                    f'{lock.generation}, lease expired)')
-    return ReleaseResult('released', lock)
+    return ReleaseResult('released', lock, why='lease expired')
 
 
 def _audit_lock(service, operator, detail):

@@ -131,7 +131,14 @@ def _blocking_first(steps):
                if step.evolution_id not in blocking])
 
 
-def plan(evolutions, history, fingerprints=None):
+def missing_dependencies(evolutions, history, steps):
+    """``(evolution_id, missing_id)`` for each dependency of a pending step (of :func:`plan`)
+    that is neither registered nor recorded as applied, adopted or marked."""
+    return _unsatisfied_dependencies(run_order(evolutions), history,
+                                     {step.evolution_id for step in steps})
+
+
+def plan(evolutions, history, fingerprints=None, *, check_dependencies=True):
     """The evolutions that still have to run, in run order, each with the reason it runs.
 
     ``evolutions`` are in registration order.  Set-based: an evolution is pending unless
@@ -140,7 +147,8 @@ def plan(evolutions, history, fingerprints=None):
 
     Raises :class:`ConfigurationError` when a pending evolution depends on an id that is
     neither registered nor done in ``history``, naming both: nothing may run before the
-    deployment is fixed.
+    deployment is fixed.  ``check_dependencies=False`` returns the steps anyway, for a reader
+    that shows them (``gearbox evolve status``) rather than runs them.
     """
     fingerprints = fingerprints or {}
     ordered = run_order(evolutions)
@@ -169,6 +177,8 @@ def plan(evolutions, history, fingerprints=None):
             reason = f'recorded as {record.state!r}'
         steps.append(PlannedStep(evolution, reason, record))
     steps = _blocking_first(steps)
+    if not check_dependencies:
+        return steps
     missing = _unsatisfied_dependencies(ordered, history, {step.evolution_id for step in steps})
     if missing:
         raise ConfigurationError('; '.join(

@@ -45,6 +45,11 @@ class Lease(NamedTuple):
     lease_seconds: float
 
 
+#: How ``released_by`` starts when an operator broke the lock (``release-lock --force``)
+#: instead of its holder, or a process that found it gone, releasing it.
+BROKEN_BY_PREFIX = 'broken by '
+
+
 class LockRecord(NamedTuple):
     """The lock record as read, with the database clock at the time of reading."""
     name: str
@@ -60,6 +65,13 @@ class LockRecord(NamedTuple):
     def held(self) -> bool:
         """True while an owner holds an unexpired lease."""
         return self.owner is not None and self.expires_at is not None and self.expires_at > self.now
+
+    @property
+    def broken_by(self) -> Optional[str]:
+        """Who broke the lock last (an operator), or None when it was released."""
+        if self.released_by is None or not self.released_by.startswith(BROKEN_BY_PREFIX):
+            return None
+        return self.released_by[len(BROKEN_BY_PREFIX):]
 
     @property
     def expires_in(self) -> Optional[float]:

@@ -456,11 +456,11 @@ class Runner:
         log.info('evolving %r (%s, attempt %d)', evolution_id, step.reason, running.attempts)
         self._audit(evolution_id, STARTED, f'attempt {running.attempts}: {step.reason}')
         from .heartbeat import ProgressSink
-        evolution._progress_sink = ProgressSink(evolution_id, heartbeat, self.state,
-                                                self.listener)
+        sink = evolution._progress_sink = ProgressSink(evolution_id, heartbeat, self.state,
+                                                       self.listener)
         try:
             record = self.backend.apply(heartbeat.lease, evolution_id, evolution.evolve,
-                                        fingerprint)
+                                        fingerprint, final_progress=sink.last)
         except LeaseLost:
             heartbeat.lost.set()
             log.warning('lock lost while %r ran: %s', evolution_id,

@@ -8,7 +8,7 @@ progress).  The schema is documented in README.rst ("The status document").
 import datetime
 
 from .errors import exception_line
-from .records import RUNNING
+from .records import PAUSED, RUNNING
 
 
 def iso(timestamp):
@@ -24,24 +24,27 @@ def error_summary(error):
     return exception_line(error)
 
 
-def progress_document(done, total, rate=None, eta_seconds=None):
+def progress_document(done, total, rate=None, eta_seconds=None, batches=None, batch_size=None):
     """A progress report: ``percent`` is None when the total is unknown; ``rate`` (items per
-    second) and ``eta_seconds`` are None until the runner measures them."""
+    second) and ``eta_seconds`` are None until the runner measures them; ``batches`` (batches
+    committed) and ``batch_size`` (the size of the next one) are None but for a batched
+    evolution."""
     percent = round(min(100.0, 100.0 * done / total), 1) if total else None
     return {'done': done, 'total': total, 'percent': percent, 'rate': rate,
-            'eta_seconds': eta_seconds}
+            'eta_seconds': eta_seconds, 'batches': batches, 'batch_size': batch_size}
 
 
 def recorded_progress(record):
-    """The progress a history record holds; a running batched evolution's with its smoothed
-    rate and the ETA at that rate."""
+    """The progress a history record holds, or None; the ETA of a running or paused batched
+    evolution comes from its recorded rate."""
     if record is None or record.progress_done is None:
         return None
     done, total, rate = record.progress_done, record.progress_total, record.rate
     eta = None
-    if record.state == RUNNING and rate and total is not None:
+    if record.state in (RUNNING, PAUSED) and total is not None and rate:
         eta = round(max(0.0, (total - done) / rate), 1)
-    return progress_document(done, total, None if rate is None else round(rate, 3), eta)
+    return progress_document(done, total, None if rate is None else round(rate, 3), eta,
+                             record.batches_done, record.batch_size)
 
 
 def record_fields(record):

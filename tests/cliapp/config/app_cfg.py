@@ -1,4 +1,9 @@
-"""``base_config``, as in a quickstarted project, with tgext.evolve plugged in."""
+"""``base_config``, as in a quickstarted project, with tgext.evolve plugged in.
+
+With ``CLIAPP_MING`` in the environment the application uses Ming (``ming.url`` in the .ini)
+instead of SQLAlchemy: its evolutions are then only recorded (mark), never run.
+"""
+import os
 from types import SimpleNamespace
 
 from tg import FullStackApplicationConfigurator
@@ -30,4 +35,8 @@ base_config.update_blueprint({
     'trace_errors.enable': False,
     'debug': False,
 })
+if os.environ.get('CLIAPP_MING'):
+    from .. import ming_model
+    base_config.update_blueprint({'use_sqlalchemy': False, 'use_ming': True, 'model': ming_model,
+                                  'tm.enabled': False})
 tgext.evolve.plugme(base_config, {'evolutions': EVOLUTIONS})

@@ -61,6 +61,10 @@ class Backend(abc.ABC):
     #: Whether :meth:`apply` commits the evolution's work and its history row atomically.
     atomic_apply: bool = False
 
+    #: A database that lives and dies with this process (Ming's ``mim://``, SQLite in memory):
+    #: no other process, not even the next ``gearbox evolve`` call, ever sees what it holds.
+    process_local: bool = False
+
     # --- set-up --------------------------------------------------------------------------------
 
     @abc.abstractmethod
@@ -168,11 +172,14 @@ class Backend(abc.ABC):
         generation kept); False if it had changed hands."""
 
     @abc.abstractmethod
-    def break_lock(self, broken_by: str, name: str = DEFAULT_LOCK_NAME) -> Optional[LockRecord]:
+    def break_lock(self, broken_by: str, name: str = DEFAULT_LOCK_NAME,
+                   generation: Optional[int] = None) -> Optional[LockRecord]:
         """Release the lock whoever holds it, recording ``broken_by``; return what was broken.
 
         The operator's last resort (``gearbox evolve release-lock --force``): the generation is
-        still incremented so the previous holder's fenced writes fail from now on.
+        still incremented so the previous holder's fenced writes fail from now on.  With
+        ``generation``, only the lock of that generation is broken (compare-and-set): None if
+        it changed hands meanwhile.
         """
 
     # --- fenced history writes -----------------------------------------------------------------
@@ -184,7 +191,8 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def apply(self, lease: Lease, evolution_id: str, work: Callable[[], None],
-              fingerprint: Optional[str] = None) -> HistoryRecord:
+              fingerprint: Optional[str] = None,
+              final_progress: Optional[Callable[[], Optional[tuple]]] = None) -> HistoryRecord:
         """Run ``work()`` and record the evolution ``applied``.
 
         The work's writes through the application's session, the fencing check and the
@@ -192,7 +200,9 @@ class Backend(abc.ABC):
         (:attr:`atomic_apply`).  If ``work()`` raises, its writes are rolled back and the
         exception propagates unchanged; if the fencing check fails, everything is rolled back
         and LeaseLost is raised.  Nothing is recorded as failed here: see
-        :meth:`record_failure`.
+        :meth:`record_failure`.  ``final_progress()``, called once ``work()`` returned, gives
+        the last ``(done, total)`` the evolution reported (or None): recorded with ``applied``,
+        not the last throttled progress write.
         """
 
     @abc.abstractmethod
@@ -202,7 +212,8 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def record_progress(self, lease: Lease, evolution_id: str, done: int,
                         total: Optional[int]) -> None:
-        """Store the progress of a running evolution."""
+        """Store the progress of a running evolution; nothing once it is no longer running (a
+        late, throttled write must not overwrite the final figure)."""
 
     @abc.abstractmethod
     def record_states(self, lease: Lease, evolution_ids: Iterable[str], state: str) -> None:

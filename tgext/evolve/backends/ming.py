@@ -106,7 +106,7 @@ class MingBackend(base.Backend):
     def __init__(self, db, session=None):
         self.db = db
         self.session = session
-        self._is_mim = isinstance(db, mim.Database)
+        self._is_mim = self.process_local = isinstance(db, mim.Database)
 
     # Collections are looked up on every call rather than kept: MIM forgets a dropped collection
     # object, so one kept across a test's drop would no longer be the one the database holds.
@@ -277,12 +277,13 @@ class MingBackend(base.Backend):
                 projection={'_id': True})
         return released is not None
 
-    def break_lock(self, broken_by: str,
-                   name: str = records.DEFAULT_LOCK_NAME) -> Optional[records.LockRecord]:
+    def break_lock(self, broken_by: str, name: str = records.DEFAULT_LOCK_NAME,
+                   generation: Optional[int] = None) -> Optional[records.LockRecord]:
+        which = {'_id': name} if generation is None else {'_id': name, 'generation': generation}
         with self._guard():
             now = time.time()
             before = self._locks.find_one_and_update(
-                {'_id': name},
+                which,
                 {'$set': {'owner': None, 'released_by': broken_by}, '$inc': {'generation': 1}},
                 return_document=ReturnDocument.BEFORE)
         return None if before is None else _lock_record(before, now)
@@ -313,7 +314,9 @@ class MingBackend(base.Backend):
             return self._clear_honoured_requests(evolution_id)
 
     def apply(self, lease: records.Lease, evolution_id: str, work: Callable[[], None],
-              fingerprint: Optional[str] = None) -> records.HistoryRecord:
+              fingerprint: Optional[str] = None,
+              final_progress: Optional[Callable[[], Optional[tuple]]] = None
+              ) -> records.HistoryRecord:
         # Checked before the work too, so that a lease lost since record_running does not start
         # work that nothing could ever record.
         with self._guard():
@@ -331,6 +334,9 @@ class MingBackend(base.Backend):
         finished = {'state': records.APPLIED, 'error': None}
         if fingerprint is not None:
             finished['fingerprint'] = fingerprint
+        progress = final_progress() if final_progress is not None else None
+        if progress is not None:
+            finished.update(progress_done=progress[0], progress_total=progress[1])
         return self._finish(lease, evolution_id, finished)
 
     def record_failure(self, lease: records.Lease, evolution_id: str,
@@ -343,7 +349,7 @@ class MingBackend(base.Backend):
             now = time.time()
             self._fence(lease, now)
             self._history.update_one(
-                {'_id': evolution_id},
+                {'_id': evolution_id, 'state': records.RUNNING},
                 {'$set': {'progress_done': done, 'progress_total': total, 'progress_at': now}})
 
     def record_states(self, lease: records.Lease, evolution_ids: Iterable[str], state: str) -> None:

@@ -90,6 +90,8 @@ class SQLAlchemyBackend(Backend):
     def __init__(self, engine, session=None):
         self._session_engine = engine  # the one the session knows: apply() joins its transaction
         self.engine = unprepared_engine(engine)
+        self.process_local = (engine.dialect.name == 'sqlite'
+                              and engine.url.database in (None, '', ':memory:'))
         self._owns_session = session is None
         if session is None:
             session = scoped_session(sessionmaker(bind=engine))
@@ -275,13 +277,13 @@ class SQLAlchemyBackend(Backend):
                 .values(owner=None, expires_at=db_now(), released_by=lease.owner))
             return result.rowcount == 1
 
-    def break_lock(self, broken_by, name=DEFAULT_LOCK_NAME):
+    def break_lock(self, broken_by, name=DEFAULT_LOCK_NAME, generation=None):
         from .sql_schema import db_now, lock_table
         with self.engine.begin() as conn:
             row = conn.execute(
                 sa.select(lock_table, db_now().label('now')).where(lock_table.c.name == name)
             ).first()
-            if row is None:
+            if row is None or generation is not None and row.generation != generation:
                 return None
             conn.execute(
                 lock_table.update()
@@ -368,11 +370,14 @@ class SQLAlchemyBackend(Backend):
             self.session.remove()
         return record
 
-    def apply(self, lease, evolution_id, work, fingerprint=None):
+    def apply(self, lease, evolution_id, work, fingerprint=None, final_progress=None):
         def finish(conn, _):
             self._fence(conn, lease)
+            progress = final_progress() if final_progress is not None else None
+            shown = {} if progress is None else dict(progress_done=progress[0],
+                                                     progress_total=progress[1])
             return self._record_finished(conn, lease, evolution_id, APPLIED, error=None,
-                                         fingerprint=fingerprint)
+                                         fingerprint=fingerprint, **shown)
 
         return self._in_app_transaction(work, finish)
 
@@ -386,7 +391,8 @@ class SQLAlchemyBackend(Backend):
         with self.engine.begin() as conn:
             self._fence(conn, lease)
             conn.execute(history_table.update()
-                         .where(history_table.c.evolution_id == evolution_id)
+                         .where(history_table.c.evolution_id == evolution_id,
+                                history_table.c.state == RUNNING)
                          .values(progress_done=done, progress_total=total,
                                  progress_at=db_now()))
 
