@@ -13,7 +13,7 @@ import traceback
 
 from . import logs
 from .cursors import check_user_cursor
-from .errors import ConfigurationError, LeaseLost
+from .errors import ConfigurationError, LeaseLost, TransactionEscaped
 from .backends.base import BatchCheckpoint
 from .records import APPLIED, PAUSED
 
@@ -220,8 +220,8 @@ class BatchedRun:
                             self.evolution_id, '' if self.backend.atomic_apply else
                             ' (its flushed writes stay: at least once)')
                 return LOST
-            except ConfigurationError:
-                return self._fail(traceback.format_exc())
+            except (ConfigurationError, TransactionEscaped):
+                return self._fail(traceback.format_exc())  # the same every time: no retry
             except Exception as e:
                 if self.backend.is_transient(e) or self.backend.is_busy(e):
                     raise  # the database, not the batch: the runner retries, resuming here

@@ -328,16 +328,24 @@ class SQLAlchemyBackend(Backend):
             on_insert=dict(attempts=1, started_at=now, duration_ms=0.0))
         return self._read_one(conn, evolution_id)
 
-    def _in_app_transaction(self, work, finish):
+    def _in_app_transaction(self, work, finish, where):
         """``work()`` then ``finish(conn, result)`` in one transaction of the application's
-        session, committed together; rolled back (and the error raised) if either raises."""
+        session, committed together; rolled back (and the error raised) if either raises.
+        ``where`` names the work for a :class:`~.transaction_guard.TransactionGuard`."""
+        from .transaction_guard import TransactionGuard
         manager = transaction.manager  # thread-local: this thread's own transaction
         manager.begin()
+        guard = TransactionGuard(where, manager)
         try:
+            guard.arm()
             session = self.session()
             conn = session.connection(bind_arguments={'bind': self._session_engine})
-            with _reading_from_master(session), self._impl.transaction_from_first_statement(conn):
-                result = work()
+            try:
+                with (_reading_from_master(session),
+                      self._impl.transaction_from_first_statement(conn)):
+                    result = work()
+            finally:
+                guard.disarm()  # raises if the work committed or aborted the transaction
             session.flush()
             # On the session's own connection to our engine: the same database transaction
             # as the work, even when the session also talks to other engines.
@@ -364,7 +372,7 @@ class SQLAlchemyBackend(Backend):
             return self._record_finished(conn, lease, evolution_id, APPLIED, error=None,
                                          fingerprint=fingerprint)
 
-        return self._in_app_transaction(work, finish)
+        return self._in_app_transaction(work, finish, f'evolve() of {evolution_id!r}')
 
     def record_failure(self, lease, evolution_id, error):
         with self.engine.begin() as conn:
@@ -467,7 +475,8 @@ class SQLAlchemyBackend(Backend):
             self._write_checkpoint(conn, lease, evolution_id, checkpoint)
             return self._read_one(conn, evolution_id)
 
-        return self._in_app_transaction(work, finish)
+        return self._in_app_transaction(
+            work, finish, f'a batch of {evolution_id!r} (process(), process_batch(), batch())')
 
     def _write_checkpoint(self, conn, lease, evolution_id, checkpoint):
         from .sql_schema import db_now, history_table as h

@@ -1,0 +1,207 @@
+"""Issue 12's hardening: evolutions that escape their transaction, failures the database cannot
+store, BaseException from evolve(), what polling transfers, and SQLite's expected waits.
+
+Each test is a case a hostile (or a 0.0.5) user ran into; each runs on every database the case
+concerns.
+"""
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+import transaction
+
+import conftest
+from tgext.evolve import BatchEvolution, Evolution
+from tgext.evolve.options import Settings
+from tgext.evolve.records import APPLIED, FAILED
+from tgext.evolve.runner import AGAIN, Runner
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(params=conftest.SQL_KINDS)
+def sql(request):
+    """A SQLHarness on this run's database of each SQL kind, emptied."""
+    url = request.getfixturevalue(f'{request.param}_database_url')
+    conftest.empty_sql_database(url)
+    harness = conftest.SQLHarness(request.param, url)
+    try:
+        yield harness
+    finally:
+        harness.close()
+
+
+def settings(**overrides):
+    return Settings(**{'lease': 5.0, 'poll_interval': 0.05, **overrides})
+
+
+def run_steps(runner, limit=10):
+    """Step a runner in the test's thread until it has nothing more to do at once."""
+    outcome = AGAIN
+    for _ in range(limit):
+        outcome = runner.step()
+        if outcome != AGAIN:
+            return outcome
+    raise AssertionError(f'the runner still steps again after {limit} steps')
+
+
+def evolution(evolution_id, evolve):
+    """An Evolution whose evolve() is ``evolve()``."""
+    return type(f'E_{evolution_id}', (Evolution,), {
+        'evolution_id': evolution_id, 'evolve': lambda self: evolve()})()
+
+
+# --- 1 and 2: commit or abort of the evolution's transaction from inside evolve() ------------
+
+def _commit_then_raise(db):
+    db.write_side_effect('escaped')
+    transaction.commit()
+    raise RuntimeError('after the commit')
+
+
+def _commit_without_flush(db):
+    db.write_side_effect('escaped', flush=False)
+    transaction.commit()
+
+
+def _abort(db):
+    db.write_side_effect('escaped')
+    transaction.abort()
+
+
+def _abort_caught_then_commit(db):
+    db.write_side_effect('escaped')
+    try:
+        transaction.abort()
+    except Exception:
+        pass
+    db.write_side_effect('escaped')
+    transaction.commit()
+
+
+def _commit_caught_then_write(db):
+    db.write_side_effect('escaped')
+    try:
+        transaction.commit()
+    except Exception:
+        pass
+    db.write_side_effect('escaped')
+
+
+def _begin(db):
+    db.write_side_effect('escaped')
+    transaction.begin()
+    db.write_side_effect('escaped')
+
+
+ESCAPES = {
+    'commit-then-raise': (_commit_then_raise, 'transaction.commit()'),
+    'commit-without-flush': (_commit_without_flush, 'transaction.commit()'),
+    'abort': (_abort, 'transaction.abort()'),
+    'abort-caught-then-commit': (_abort_caught_then_commit, 'transaction.abort()'),
+    'commit-caught-then-write': (_commit_caught_then_write, 'transaction.commit()'),
+    'begin': (_begin, 'transaction.abort()'),
+}
+
+
+@pytest.mark.parametrize('escape', sorted(ESCAPES))
+def test_evolve_that_commits_or_aborts_its_transaction_is_refused(sql, escape):
+    body, called = ESCAPES[escape]
+    runner = Runner(sql.make_backend(), [evolution('e1', lambda: body(sql))], settings())
+
+    run_steps(runner)
+
+    assert sql.count_side_effects('escaped') == 0  # nothing of it committed
+    record = sql.make_backend().read_history()['e1']
+    assert record.state == FAILED
+    assert f'called {called}: refused, nothing of it is committed' in record.error
+    assert 'remove transaction.commit(), transaction.abort()' in record.error
+    assert runner.failure is not None and runner.failure.evolution_id == 'e1'
+
+
+def test_savepoints_inside_evolve_keep_working(sql):
+    # The guard joined to the transaction must not make savepoints fail.
+    if sql.kind == 'sqlite':
+        pytest.skip('zope.sqlalchemy offers no savepoints on SQLite')
+    def evolve():
+        sql.write_side_effect('kept')
+        savepoint = transaction.savepoint()
+        sql.write_side_effect('undone')
+        savepoint.rollback()
+
+    runner = Runner(sql.make_backend(), [evolution('e1', evolve)], settings())
+    run_steps(runner)
+
+    assert sql.make_backend().read_history()['e1'].state == APPLIED
+    assert (sql.count_side_effects('kept'), sql.count_side_effects('undone')) == (1, 0)
+
+
+class CommittingBatches(BatchEvolution):
+    """The low-level form, committing each batch itself as 0.0.5 users would."""
+    evolution_id = 'batches'
+    harness = None
+
+    def batch(self, cursor, size):
+        self.harness.write_side_effect('escaped')
+        transaction.commit()
+        return (cursor or 0) + 1 if (cursor or 0) < 3 else None
+
+
+class CommittingItems(BatchEvolution):
+    evolution_id = 'items'
+    harness = None
+
+    def collection(self):
+        return self.harness.session.query(conftest.SideEffect)
+
+    def process(self, item):
+        item.key = 'escaped'
+        transaction.commit()
+
+
+@pytest.mark.parametrize('cls', [CommittingBatches, CommittingItems])
+def test_batch_that_commits_its_transaction_is_refused_at_once(sql, cls, caplog):
+    if cls is CommittingItems:
+        with sql.engine.begin() as conn:
+            conn.execute(conftest.SideEffect.__table__.insert(), [{'key': 'item'}] * 3)
+    batched = cls()
+    batched.harness = sql
+    runner = Runner(sql.make_backend(), [batched], settings())
+
+    with caplog.at_level(logging.WARNING, logger='tgext.evolve'):
+        run_steps(runner)
+
+    assert sql.count_side_effects('escaped') == 0
+    record = sql.make_backend().read_history(batches=True)[cls.evolution_id]
+    assert record.state == FAILED
+    assert 'called transaction.commit(): refused' in record.error
+    assert record.batches_done == 0
+    # Refused every time alike: not retried at half size like a batch that failed.
+    assert not [r for r in caplog.records if 'retrying with' in r.getMessage()]
+
+
+def run_worker(url, tmp_path, name, scenario, lease=1.0, **job):
+    """One real process of ``hardening_worker.py``; returns (exit code, its result or None)."""
+    result = tmp_path / f'{name}.json'
+    job = {'url': url, 'scenario': scenario, 'lease': lease, 'result': str(result), **job}
+    with open(tmp_path / f'{name}.log', 'w') as log:
+        code = subprocess.run([sys.executable, os.path.join(HERE, 'hardening_worker.py'),
+                               json.dumps(job)], stdout=log, stderr=subprocess.STDOUT,
+                              timeout=120).returncode
+    return code, json.loads(result.read_text()) if result.exists() else None
+
+
+def test_commit_then_kill_is_never_applied_twice_across_processes(sql, tmp_path):
+    # Process A commits from inside evolve() and is killed before tgext.evolve records
+    # anything; process B takes over (or retries).  Before: two copies of the work.
+    first = run_worker(sql.url, tmp_path, 'a', 'commit-then-die')
+    second = run_worker(sql.url, tmp_path, 'b', 'commit-then-die')
+
+    assert sql.count_side_effects('escaped') == 0
+    record = sql.make_backend().read_history()['commit-then-die']
+    assert (record.state, record.attempts) == (FAILED, 2)
+    assert 'called transaction.commit(): refused' in record.error
+    assert first == second == (0, {'phase': 'failed', 'thread_alive': True})
