@@ -65,6 +65,8 @@ def main(job):
         if time.monotonic() > end or not runner.alive:
             break
         time.sleep(0.02)
+    if runner.state.phase in (READY, SERVING_AFTER_FAILURE):
+        runner.stop(DEADLINE)  # the gate is open: the thread ends its loop, and has nothing left
     with open(job['result'], 'w') as f:
         json.dump({'phase': runner.state.phase, 'thread_alive': runner.alive}, f)
     runner.stop(5)

@@ -14,6 +14,7 @@ import pytest
 import transaction
 
 import conftest
+from polling import wait_until
 from tgext.evolve import BatchEvolution, Evolution
 from tgext.evolve.options import Settings
 from tgext.evolve.records import APPLIED, FAILED
@@ -205,3 +206,80 @@ def test_commit_then_kill_is_never_applied_twice_across_processes(sql, tmp_path)
     assert (record.state, record.attempts) == (FAILED, 2)
     assert 'called transaction.commit(): refused' in record.error
     assert first == second == (0, {'phase': 'failed', 'thread_alive': True})
+
+
+# --- 7. SystemExit, KeyboardInterrupt, GeneratorExit from evolve() ---------------------------
+
+def _raiser(kind):
+    def evolve():
+        raise kind(4) if kind is SystemExit else kind()
+    return evolve
+
+
+BASE_EXCEPTIONS = [SystemExit, KeyboardInterrupt, GeneratorExit]
+
+
+@pytest.mark.parametrize('on_failure', ['block', 'serve'])
+@pytest.mark.parametrize('kind', BASE_EXCEPTIONS, ids=lambda k: k.__name__)
+def test_base_exception_from_evolve_is_a_failure_the_thread_survives(db, kind, on_failure,
+                                                                     caplog):
+    def evolve():
+        db.write_side_effect('rolled-back', flush=db.is_sql)
+        _raiser(kind)()
+
+    runner = Runner(db.make_backend(), [evolution('e1', evolve), evolution('e2', lambda: None)],
+                    settings(on_failure=on_failure))
+    expected = 'failed' if on_failure == 'block' else 'serving-after-failure'
+    with caplog.at_level(logging.INFO, logger='tgext.evolve'):
+        runner.start()
+        try:
+            wait_until(lambda: runner.state.phase == expected, f'the runner following '
+                       f'on_failure = {on_failure}', timeout=30)
+            # block: the thread polls on; serve: it opened the gate and ends its loop.
+            if on_failure == 'block':
+                assert runner.alive and not runner.state.open
+            else:
+                assert runner.state.open
+                wait_until(lambda: not runner.alive, 'the thread ending its loop')
+        finally:
+            runner.stop(30)
+
+    history = db.make_backend().read_history()
+    assert history['e1'].state == FAILED
+    assert kind.__name__ in history['e1'].error
+    assert 'e2' not in history  # stopped at the failure, as for any failure
+    if db.is_sql:
+        assert db.count_side_effects('rolled-back') == 0
+    failures = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR
+                and "evolution 'e1' failed (attempt 1)" in r.getMessage()]
+    assert len(failures) == 1 and kind.__name__ in failures[0]
+
+
+class ExitingBatches(BatchEvolution):
+    evolution_id = 'exiting'
+
+    def batch(self, cursor, size):
+        sys.exit(5)
+
+
+def test_base_exception_from_a_batch_is_a_failure_not_retried(db, caplog):
+    runner = Runner(db.make_backend(), [ExitingBatches()], settings())
+    with caplog.at_level(logging.INFO, logger='tgext.evolve'):
+        runner.start()
+        try:
+            wait_until(lambda: runner.state.phase == 'failed', 'the batched failure recorded')
+            assert runner.alive
+        finally:
+            runner.stop(30)
+    record = db.make_backend().read_history()['exiting']
+    assert record.state == FAILED and 'SystemExit: 5' in record.error
+    assert not [r for r in caplog.records if 'retrying with' in r.getMessage()]
+
+
+def test_sys_exit_in_evolve_leaves_a_real_process_serving_its_failure(sql, tmp_path):
+    code, result = run_worker(sql.url, tmp_path, 'a', 'sys-exit', on_failure='serve')
+
+    assert (code, result) == (0, {'phase': 'serving-after-failure', 'thread_alive': False})
+    assert sql.make_backend().read_history()['sys-exit'].state == FAILED
+    assert sql.count_side_effects('escaped') == 0
+    assert "evolution 'sys-exit' failed (attempt 1)" in (tmp_path / 'a.log').read_text()

@@ -170,6 +170,8 @@ class BatchedRun:
             if self.backend.is_transient(e) or self.backend.is_busy(e):
                 raise
             return self._fail(traceback.format_exc())  # collection() or count() raised
+        except BaseException as e:
+            return self._fail_on_base_exception(e)
         try:
             record = self.backend.record_batches_running(
                 self.heartbeat.lease, self.evolution_id, self.evolution.batch_size, total,
@@ -233,6 +235,8 @@ class BatchedRun:
                             'retrying with %d items', self.evolution_id, _short(cursor),
                             type(e).__name__, _short(str(e)), sizer.halve())
                 continue
+            except BaseException as e:
+                return self._fail_on_base_exception(e)  # not retried: it was no accident
             self.heartbeat.note_renewed()  # the batch's fencing check renewed the lease
             failures = 0
             cursor, done, rate = work.cursor, record.progress_done or 0, record.rate
@@ -271,6 +275,15 @@ class BatchedRun:
                 f'failed {BATCH_RETRIES + 1} times (the last one with {size} items); every '
                 f'batch before it is committed and the checkpoint is kept there: retry resumes '
                 f'from it.\n')
+
+    def _fail_on_base_exception(self, error):
+        """SystemExit, KeyboardInterrupt, GeneratorExit from the evolution: its failure (the
+        thread lives on); a Ctrl-C in a foreground run is raised once recorded."""
+        from .runner import interrupts_foreground
+        outcome = self._fail(traceback.format_exc())
+        if interrupts_foreground(error):
+            raise error
+        return outcome
 
     def _fail(self, error):
         self.error = error

@@ -55,6 +55,14 @@ def legacy_adoptions(evolutions, legacy, history):
     return [i for i in ids[:ids.index(legacy.version) + 1] if i not in history]
 
 
+def interrupts_foreground(error):
+    """True for a Ctrl-C in a foreground run (``gearbox evolve run``): recorded as the
+    evolution's failure, then raised, so that the command still stops.  Anywhere else a
+    BaseException from an evolution is only its failure."""
+    return (isinstance(error, KeyboardInterrupt)
+            and threading.current_thread() is threading.main_thread())
+
+
 class RunListener:
     """What a foreground driver hears while evolutions run (``gearbox evolve run`` draws its
     progress bars from it).  Called in the thread running ``evolve()``: it must not raise."""
@@ -440,11 +448,14 @@ class Runner:
         except Exception as e:
             if self.backend.is_transient(e) or self.backend.is_busy(e):
                 raise  # the connection died or the database was busy, not the evolution
-            error = traceback.format_exc()
-            self.failure = EvolutionFailed(evolution_id, error, self.applied)
-            self.backend.record_failure(heartbeat.lease, evolution_id, error)
-            log.error('evolution %r failed (attempt %d); its work was rolled back:\n%s',
-                      evolution_id, running.attempts, error.rstrip())
+            self._failed(heartbeat, evolution_id, running.attempts, traceback.format_exc())
+            return False
+        except BaseException as e:
+            # SystemExit, KeyboardInterrupt, GeneratorExit: in the evolution thread they would
+            # end it, leaving the record running and the gate closed for good.
+            self._failed(heartbeat, evolution_id, running.attempts, traceback.format_exc())
+            if interrupts_foreground(e):
+                raise
             return False
         finally:
             evolution._progress_sink = None
@@ -452,6 +463,13 @@ class Runner:
         self.applied.append(evolution_id)
         log.info('applied %r in %.0f ms', evolution_id, record.duration_ms or 0)
         return True
+
+    def _failed(self, heartbeat, evolution_id, attempts, error):
+        """Record that ``evolution_id`` failed with the traceback ``error``, and log it."""
+        self.failure = EvolutionFailed(evolution_id, error, self.applied)
+        self.backend.record_failure(heartbeat.lease, evolution_id, error)
+        log.error('evolution %r failed (attempt %d); its work was rolled back:\n%s',
+                  evolution_id, attempts, error.rstrip())
 
     def _run_batched(self, step, heartbeat):
         from .batching import DONE as BATCHES_DONE, FAILED as BATCHES_FAILED, BatchedRun
