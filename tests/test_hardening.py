@@ -283,3 +283,100 @@ def test_sys_exit_in_evolve_leaves_a_real_process_serving_its_failure(sql, tmp_p
     assert sql.make_backend().read_history()['sys-exit'].state == FAILED
     assert sql.count_side_effects('escaped') == 0
     assert "evolution 'sys-exit' failed (attempt 1)" in (tmp_path / 'a.log').read_text()
+
+
+# --- 6. failures whose text the database cannot store ----------------------------------------
+
+FAILURE_MESSAGES = {
+    'nul': ('a NUL \x00 byte', 'a NUL \\x00 byte'),
+    'surrogate': ('a lone surrogate \udcff', 'a lone surrogate \\udcff'),
+    'five-megabytes': ('HEAD' + 'x' * 5_000_000 + 'TAIL', None),
+}
+
+
+@pytest.mark.parametrize('message', sorted(FAILURE_MESSAGES))
+def test_any_failure_text_is_recorded_and_on_failure_serve_honoured(db, message, caplog):
+    from tgext.evolve.failure_text import MAX_LOGGED_CHARS, MAX_STORED_CHARS
+    text, stored = FAILURE_MESSAGES[message]
+    runs = []
+
+    def evolve():
+        runs.append(1)
+        raise RuntimeError(text)
+
+    runner = Runner(db.make_backend(), [evolution('e1', evolve)], settings(on_failure='serve'))
+    with caplog.at_level(logging.INFO, logger='tgext.evolve'):
+        outcome = run_steps(runner)
+
+    assert (outcome, runner.state.phase, len(runs)) == ('done', 'serving-after-failure', 1)
+    error = db.make_backend().read_history()['e1'].error
+    assert error.startswith('Traceback (most recent call last):')
+    if stored is not None:
+        assert error.rstrip().endswith(f'RuntimeError: {stored}')
+    else:
+        assert len(error) <= MAX_STORED_CHARS
+        assert 'RuntimeError: HEADxxx' in error and error.rstrip().endswith('xxxTAIL')
+        assert 'characters cut ...]' in error
+    assert not [r for r in caplog.records if 'database unavailable' in r.getMessage()]
+    assert max(len(r.getMessage()) for r in caplog.records) <= MAX_LOGGED_CHARS + 200
+
+
+class RefusingFailures:
+    """A backend whose database refuses every failure record (a column it cannot store)."""
+
+    def __init__(self, backend):
+        self._backend = backend
+        self.refused = 0
+
+    def record_failure(self, lease, evolution_id, error):
+        self.refused += 1
+        raise ValueError('this database refuses that text')
+
+    def __getattr__(self, name):
+        return getattr(self._backend, name)
+
+
+@pytest.mark.parametrize('on_failure', ['block', 'serve'])
+def test_failure_the_database_refuses_to_record_is_no_outage_and_never_rerun(db, on_failure,
+                                                                           caplog):
+    runs = []
+
+    def evolve():
+        runs.append(1)
+        raise RuntimeError('boom')
+
+    backend = RefusingFailures(db.make_backend())
+    runner = Runner(backend, [evolution('e1', evolve)], settings(on_failure=on_failure))
+    with caplog.at_level(logging.INFO, logger='tgext.evolve'):
+        outcomes = [run_steps(runner) for _ in range(3)]
+
+    assert len(runs) == 1 and backend.refused == 1  # ASCII already: nothing plainer to try
+    assert outcomes == (['done'] * 3 if on_failure == 'serve' else ['wait'] * 3)
+    assert runner.state.phase == ('failed' if on_failure == 'block' else 'serving-after-failure')
+    messages = [r.getMessage() for r in caplog.records]
+    assert not [m for m in messages if 'database unavailable' in m]
+    assert [m for m in messages if m.startswith("cannot record the failure of 'e1'")]
+
+
+def test_mariadb_latin1_error_column_gets_the_plain_text(request, caplog):
+    # A database whose column cannot hold the text (strict mode refuses, never truncates).
+    url = request.getfixturevalue('mysql_database_url')
+    conftest.empty_sql_database(url)
+    harness = conftest.SQLHarness('mysql', url)
+    try:
+        backend = harness.make_backend()
+        backend.ensure_storage()
+        with harness.engine.begin() as conn:
+            conn.exec_driver_sql('ALTER TABLE tgext_evolve_history MODIFY error TEXT '
+                                 'CHARACTER SET latin1')
+
+        def evolve():
+            raise RuntimeError('naïve → ☃')
+
+        runner = Runner(backend, [evolution('e1', evolve)], settings())
+        run_steps(runner)
+        record = harness.make_backend().read_history()['e1']
+        assert record.state == FAILED
+        assert record.error.rstrip().endswith('RuntimeError: na\\xefve \\u2192 \\u2603')
+    finally:
+        harness.close()

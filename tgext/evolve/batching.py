@@ -11,7 +11,7 @@ import math
 import time
 import traceback
 
-from . import logs
+from . import failure_text, logs
 from .cursors import check_user_cursor
 from .errors import ConfigurationError, LeaseLost, TransactionEscaped
 from .backends.base import BatchCheckpoint
@@ -145,6 +145,7 @@ class BatchedRun:
     """
 
     def __init__(self, runner, step, heartbeat):
+        self.runner = runner
         self.backend = runner.backend
         self.settings = runner.settings
         self.state = runner.state
@@ -158,6 +159,7 @@ class BatchedRun:
         self.throttle = 0.0 if step.blocking else self.settings.throttle
         self._logged_at = 0.0
         self.error = None  # the traceback text recorded when the run failed
+        self.attempts = step.record.attempts if step.record is not None else 0  # until started
 
     # --- the run ---------------------------------------------------------------------------
 
@@ -179,6 +181,7 @@ class BatchedRun:
         except LeaseLost:
             self.heartbeat.lost.set()
             return LOST
+        self.attempts = record.attempts
         log.info('evolving %r in batches (%s, attempt %d)%s', self.evolution_id,
                  self.step.reason, record.attempts, _resume_note(record))
         return self._batches(walker, record)
@@ -286,10 +289,10 @@ class BatchedRun:
         return outcome
 
     def _fail(self, error):
-        self.error = error
-        self.backend.record_failure(self.heartbeat.lease, self.evolution_id, error)
+        self.error = self.runner.record_failure(self.heartbeat, self.evolution_id,
+                                                self.attempts, error)
         log.error('evolution %r failed; its last batch was rolled back, its checkpoint kept:'
-                  '\n%s', self.evolution_id, error.rstrip())
+                  '\n%s', self.evolution_id, failure_text.loggable(self.error))
         return FAILED
 
 

@@ -15,7 +15,7 @@ import threading
 import time
 import traceback
 
-from . import logs
+from . import failure_text, logs
 from .errors import ConfigurationError, EvolutionFailed, LeaseLost
 from .evolution import BatchEvolution
 from .planning import fingerprints, plan
@@ -96,6 +96,7 @@ class Runner:
         self._batch_fields = None  # whether the history has them: known once something is pending
         self._failures_at_start = None
         self._attempted = set()
+        self._unrecorded = {}  # id: attempt of a failure the database refused to record
         self._waiting = False
         self._last_note = None
         self._busy_since = None
@@ -273,9 +274,11 @@ class Runner:
     def _retryable(self, step):
         """A failure is retried once per process start, and only if nobody retried it since."""
         record = step.record
+        evolution_id = step.evolution_id
+        if record is not None and self._unrecorded.get(evolution_id) == record.attempts:
+            return False  # failed here, unrecorded: never retried for it (no retry storm)
         if record is None or record.state != FAILED:
             return True
-        evolution_id = step.evolution_id
         return (evolution_id not in self._attempted
                 and self._failures_at_start.get(evolution_id) == record.attempts)
 
@@ -466,10 +469,40 @@ class Runner:
 
     def _failed(self, heartbeat, evolution_id, attempts, error):
         """Record that ``evolution_id`` failed with the traceback ``error``, and log it."""
+        error = self.record_failure(heartbeat, evolution_id, attempts, error)
         self.failure = EvolutionFailed(evolution_id, error, self.applied)
-        self.backend.record_failure(heartbeat.lease, evolution_id, error)
         log.error('evolution %r failed (attempt %d); its work was rolled back:\n%s',
-                  evolution_id, attempts, error.rstrip())
+                  evolution_id, attempts, failure_text.loggable(error))
+
+    def record_failure(self, heartbeat, evolution_id, attempts, error):
+        """Record the failure whatever its text says (sanitised and capped: see
+        :mod:`.failure_text`); returns the text recorded.
+
+        A database that refuses to store the record is no outage, and the evolution must not
+        run again for it: if even the plain-ASCII text is refused, this process remembers the
+        failure and follows ``on_failure`` without running the evolution again.
+        """
+        text = failure_text.storable(error)
+        problem = None
+        for attempt in dict.fromkeys((text, failure_text.plain(error))):
+            try:
+                self.backend.record_failure(heartbeat.lease, evolution_id, attempt)
+                return attempt
+            except LeaseLost:
+                heartbeat.lost.set()
+                log.warning('lock lost before the failure of %r was recorded: the next holder '
+                            'runs it again', evolution_id)
+                break
+            except Exception as e:
+                problem = e
+                if self.backend.is_transient(e) or self.backend.is_busy(e):
+                    break  # the database went away meanwhile: nothing else would be stored
+        self._unrecorded[evolution_id] = attempts
+        if problem is not None:
+            log.error('cannot record the failure of %r (%s: %s): this process will not run it '
+                      'again', evolution_id, type(problem).__name__,
+                      failure_text.loggable(str(problem))[:500])
+        return text
 
     def _run_batched(self, step, heartbeat):
         from .batching import DONE as BATCHES_DONE, FAILED as BATCHES_FAILED, BatchedRun
