@@ -9,8 +9,10 @@ import logging
 import os
 import subprocess
 import sys
+import time
 
 import pytest
+import sqlalchemy as sa
 import transaction
 
 import conftest
@@ -380,3 +382,62 @@ def test_mariadb_latin1_error_column_gets_the_plain_text(request, caplog):
         assert record.error.rstrip().endswith('RuntimeError: na\\xefve \\u2192 \\u2603')
     finally:
         harness.close()
+
+
+# --- 8. what polling transfers, and how long a log line is -----------------------------------
+
+class ReadSpy:
+    """A backend recording how its history is read."""
+
+    def __init__(self, backend):
+        self._backend = backend
+        self.reads = []
+
+    def read_history(self, **kwargs):
+        self.reads.append(kwargs.get('errors', True))
+        return self._backend.read_history(**kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._backend, name)
+
+
+def test_blocked_processes_never_read_the_traceback_text(db):
+    def evolve():
+        raise RuntimeError('x' * 100_000)
+
+    run_steps(Runner(db.make_backend(), [evolution('e1', evolve)], settings()))
+    assert len(db.make_backend().read_history()['e1'].error) > 10_000
+
+    # Another process tries its one retry (which writes its own failure), then, blocked by
+    # it, polls.
+    spy = ReadSpy(db.make_backend(with_session=False))
+    blocked = Runner(spy, [evolution('e1', lambda: 1 / 0)], settings())
+    assert run_steps(blocked) == 'wait'
+    if db.is_sql:
+        with db.count_statements(spy._backend) as statements:
+            outcomes = [run_steps(blocked) for _ in range(5)]
+        history_reads = [s for s in statements if 'tgext_evolve_history' in s
+                         and s.lstrip().upper().startswith('SELECT')]
+        assert history_reads and not [s for s in history_reads if 'error' in s.lower()]
+    else:
+        outcomes = [run_steps(blocked) for _ in range(5)]
+    assert outcomes == ['wait'] * 5 and blocked.state.phase == 'failed'
+    assert spy.reads and not any(spy.reads)  # every read: errors=False
+
+
+def test_no_log_line_is_huge(sql, caplog):
+    # A connection lost while the evolution sent a huge statement: SQLAlchemy's message
+    # carries the whole statement, which the "database unavailable" line quoted in full.
+
+    def evolve():
+        raise sa.exc.OperationalError('INSERT ' + 'x' * 2_000_000, {},
+                                      Exception('server closed the connection'),
+                                      connection_invalidated=True)
+
+    runner = Runner(sql.make_backend(), [evolution('e1', evolve)], settings())
+    with caplog.at_level(logging.DEBUG, logger='tgext.evolve'):
+        runner.run(deadline=time.monotonic() + 1.0)
+
+    lines = [r.getMessage() for r in caplog.records]
+    assert [line for line in lines if line.startswith('database unavailable')]
+    assert max(len(line) for line in lines) <= 8_000  # logs.MAX_LINE, as README documents

@@ -413,7 +413,7 @@ class Runner:
                        'tgext.evolve 0.0.5 recorded %r as its last evolution, but no registered '
                        'evolution has that id: adopting nothing', legacy.version)
             return
-        history = self.backend.read_history()
+        history = self.backend.read_history(errors=False)
         adopt = legacy_adoptions(self.evolutions, legacy, history)
         if adopt:
             self.backend.record_states(heartbeat.lease, adopt, ADOPTED)
