@@ -441,3 +441,96 @@ def test_no_log_line_is_huge(sql, caplog):
     lines = [r.getMessage() for r in caplog.records]
     assert [line for line in lines if line.startswith('database unavailable')]
     assert max(len(line) for line in lines) <= 8_000  # logs.MAX_LINE, as README documents
+
+
+# --- 3. coroutine and generator evolve() -------------------------------------------------------
+
+class AsyncEvolve(Evolution):
+    evolution_id = 'async_evolve'
+
+    async def evolve(self):
+        pass
+
+
+class GeneratorEvolve(Evolution):
+    evolution_id = 'generator_evolve'
+
+    def evolve(self):
+        yield
+
+
+class AsyncGeneratorEvolve(Evolution):
+    evolution_id = 'async_generator_evolve'
+
+    async def evolve(self):
+        yield
+
+
+class GeneratorProcess(BatchEvolution):
+    evolution_id = 'generator_process'
+
+    def collection(self):
+        return None
+
+    def process(self, item):
+        yield
+
+
+@pytest.mark.parametrize('cls', [AsyncEvolve, GeneratorEvolve, AsyncGeneratorEvolve,
+                                 GeneratorProcess], ids=lambda c: c.evolution_id)
+def test_coroutine_or_generator_method_is_a_start_up_error_naming_the_evolution(cls):
+    from tgext.evolve.evolution import collect_evolutions
+    from tgext.evolve.errors import ConfigurationError
+    with pytest.raises(ConfigurationError, match=f"evolution '{cls.evolution_id}': "
+                       r"(evolve|process)\(\) is a (coroutine|generator) function"):
+        collect_evolutions([cls])
+
+
+def _synchronous_wrapper(function):
+    # A decorator that hides the async def from the start-up check.
+    def wrapper(*args):
+        return function(*args)
+    return wrapper
+
+
+class DecoratedAsyncEvolve(Evolution):
+    evolution_id = 'decorated_async'
+    ran = False
+
+    @_synchronous_wrapper
+    async def evolve(self):
+        type(self).ran = True
+
+
+class InstanceGeneratorEvolve(Evolution):
+    evolution_id = 'instance_generator'
+
+    def __init__(self):
+        def evolve():
+            yield
+        self.evolve = evolve
+
+    def evolve(self):
+        pass
+
+
+class DecoratedGeneratorBatch(BatchEvolution):
+    evolution_id = 'decorated_generator_batch'
+
+    @_synchronous_wrapper
+    def batch(self, cursor, size):
+        yield
+
+
+@pytest.mark.parametrize('cls', [DecoratedAsyncEvolve, InstanceGeneratorEvolve,
+                                 DecoratedGeneratorBatch], ids=lambda c: c.evolution_id)
+def test_evolve_whose_body_never_ran_is_recorded_failed_not_applied(db, cls):
+    from tgext.evolve.evolution import collect_evolutions
+    evolutions = collect_evolutions([cls])  # the start-up check cannot see these
+    runner = Runner(db.make_backend(), evolutions, settings())
+    run_steps(runner)
+
+    record = db.make_backend().read_history()[cls.evolution_id]
+    assert record.state == FAILED
+    assert 'instead of running: its body never ran' in record.error
+    assert not DecoratedAsyncEvolve.ran

@@ -14,6 +14,7 @@ import traceback
 from . import failure_text, logs
 from .cursors import check_user_cursor
 from .errors import ConfigurationError, LeaseLost, TransactionEscaped
+from .evolution import ran_its_body
 from .backends.base import BatchCheckpoint
 from .records import APPLIED, PAUSED
 
@@ -315,10 +316,10 @@ class _BatchWork:
         if self.walker is not None:
             batch = self.walker.next_batch(self.cursor, size)
             if batch.items:
-                evolution.process_batch(batch.items)
+                ran_its_body(evolution, 'process_batch', batch.items)
             items, cursor, exhausted = len(batch.items), batch.cursor, not batch.items
         else:
-            returned = evolution.batch(self.cursor, size)
+            returned = ran_its_body(evolution, 'batch', self.cursor, size)
             exhausted = returned is None
             cursor = self.cursor if exhausted else check_user_cursor(self.run.evolution_id,
                                                                      returned)

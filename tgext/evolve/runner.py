@@ -17,7 +17,7 @@ import traceback
 
 from . import failure_text, logs
 from .errors import ConfigurationError, EvolutionFailed, LeaseLost
-from .evolution import BatchEvolution
+from .evolution import BatchEvolution, ran_its_body
 from .planning import fingerprints, plan
 from .records import ADOPTED, DEFAULT_LOCK_NAME, FAILED, PAUSE, PAUSED, RESUME
 from .state import (BLOCKED, EVOLVING, MISCONFIGURED, PAUSED as PAUSED_PHASE, READY,
@@ -440,8 +440,8 @@ class Runner:
         evolution._progress_sink = ProgressSink(evolution_id, heartbeat, self.state,
                                                 self.listener)
         try:
-            record = self.backend.apply(heartbeat.lease, evolution_id, evolution.evolve,
-                                        fingerprint)
+            record = self.backend.apply(heartbeat.lease, evolution_id,
+                                        lambda: ran_its_body(evolution, 'evolve'), fingerprint)
         except LeaseLost:
             heartbeat.lost.set()
             log.warning('lock lost while %r ran: %s', evolution_id,
