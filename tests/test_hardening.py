@@ -534,3 +534,71 @@ def test_evolve_whose_body_never_ran_is_recorded_failed_not_applied(db, cls):
     assert record.state == FAILED
     assert 'instead of running: its body never ran' in record.error
     assert not DecoratedAsyncEvolve.ran
+
+
+# --- 5. SQLite: an evolution waiting for its own write lock ---------------------------------
+
+@pytest.fixture
+def sqlite_app(sqlite_database_url):
+    """(engine, session, backend) on the SQLite file, with a 0.3 s busy timeout (5 s by
+    default: the same wait, shorter)."""
+    from sqlalchemy import orm
+    import zope.sqlalchemy
+    from tgext.evolve.backends.sqlalchemy import SQLAlchemyBackend
+    conftest.empty_sql_database(sqlite_database_url)
+    engine = sa.create_engine(sqlite_database_url, connect_args={'timeout': 0.3})
+    conftest.SideEffectBase.metadata.create_all(engine)
+    session = orm.scoped_session(orm.sessionmaker(bind=engine))
+    zope.sqlalchemy.register(session)
+    try:
+        yield engine, session, SQLAlchemyBackend(engine, session)
+    finally:
+        transaction.abort()
+        session.remove()
+        engine.dispose()
+
+
+def in_thread_until_failed(runner, timeout):
+    runner.start()
+    try:
+        wait_until(lambda: runner.state.phase == 'failed', 'the failure recorded', timeout)
+    finally:
+        runner.stop(30)
+
+
+def test_sqlite_evolution_writing_through_its_own_connection_is_a_failure(sqlite_app):
+    engine, session, backend = sqlite_app
+    table = conftest.SideEffect.__table__
+
+    def evolve():
+        session.add(conftest.SideEffect(key='through-the-session'))
+        session.flush()  # the evolution's transaction now holds SQLite's write lock
+        with engine.begin() as conn:
+            conn.execute(table.insert().values(key='own-connection'))
+
+    runner = Runner(backend, [evolution('e1', evolve)], settings(lease=1.0))
+    in_thread_until_failed(runner, timeout=4.0)  # before: re-run every poll, for ever
+
+    record = backend.read_history()['e1']
+    assert (record.state, record.attempts) == (FAILED, 1)
+    assert "its own transaction holds that lock" in record.error
+    assert 'Write through DBSession only' in record.error
+    assert runner.state.phase == 'failed'
+
+
+def test_evolution_busy_attempt_after_attempt_for_longer_than_a_lease_is_a_failure(
+        sqlite_app):
+    import sqlite3
+    engine, session, backend = sqlite_app
+
+    def evolve():
+        raise sa.exc.OperationalError('UPDATE pages SET n = n + 1', {},
+                                      sqlite3.OperationalError('database is locked'))
+
+    runner = Runner(backend, [evolution('e1', evolve)], settings(lease=0.5))
+    in_thread_until_failed(runner, timeout=5.0)
+
+    record = backend.read_history()['e1']
+    assert record.state == FAILED and record.attempts > 1
+    assert 'The database stayed busy for' in record.error
+    assert runner.state.phase == 'failed'

@@ -97,6 +97,7 @@ class Runner:
         self._failures_at_start = None
         self._attempted = set()
         self._unrecorded = {}  # id: attempt of a failure the database refused to record
+        self._evolution_busy_since = {}  # id: when its runs began failing busy
         self._waiting = False
         self._last_note = None
         self._busy_since = None
@@ -449,9 +450,12 @@ class Runner:
                         'its work may be partly written and will run again (at-least-once)')
             return False
         except Exception as e:
-            if self.backend.is_transient(e) or self.backend.is_busy(e):
-                raise  # the connection died or the database was busy, not the evolution
-            self._failed(heartbeat, evolution_id, running.attempts, traceback.format_exc())
+            if self.backend.is_transient(e):
+                raise  # the connection died, not the evolution
+            if self.backend.is_busy(e) and not self._busy_past_a_lease(evolution_id):
+                raise  # contention: the runner retries at the next poll
+            self._failed(heartbeat, evolution_id, running.attempts, traceback.format_exc()
+                         + self._busy_note(evolution_id, e))
             return False
         except BaseException as e:
             # SystemExit, KeyboardInterrupt, GeneratorExit: in the evolution thread they would
@@ -463,9 +467,27 @@ class Runner:
         finally:
             evolution._progress_sink = None
             self.listener.finished(evolution_id)
+        self._evolution_busy_since.pop(evolution_id, None)
         self.applied.append(evolution_id)
         log.info('applied %r in %.0f ms', evolution_id, record.duration_ms or 0)
         return True
+
+    def _busy_past_a_lease(self, evolution_id):
+        """An evolution that keeps failing busy for longer than a lease is failing: its own
+        code waits for a lock it cannot get (its own write lock, on SQLite, through a
+        connection of its own).  Re-run forever, it would keep the site on 503 for good."""
+        since = self._evolution_busy_since.setdefault(evolution_id, time.monotonic())
+        return time.monotonic() - since > self.settings.lease
+
+    def _busy_note(self, evolution_id, error):
+        since = self._evolution_busy_since.pop(evolution_id, None)
+        if since is None or not self.backend.is_busy(error):
+            return ''
+        return (f'\nThe database stayed busy for {time.monotonic() - since:.0f} s (longer than '
+                f'the {self.settings.lease:g} s lease) while this evolution ran, attempt after '
+                f'attempt: its own code waits for a lock it cannot get.  On SQLite: write '
+                f'through DBSession only, not through a connection of its own '
+                f'(engine.begin()) or another thread.\n')
 
     def _failed(self, heartbeat, evolution_id, attempts, error):
         """Record that ``evolution_id`` failed with the traceback ``error``, and log it."""

@@ -30,6 +30,11 @@ class DefaultImpl:
         (SQLite): contention to retry at the next poll, not an outage."""
         return False
 
+    def holds_write_lock(self, conn):
+        """True when ``conn``'s open transaction holds the database's single write lock
+        (SQLite): any other connection's write then waits for it, and fails busy."""
+        return False
+
     def bounded_lock_wait(self, conn):
         """Around a storage upgrade's DDL on ``conn``: wait at most :data:`DDL_LOCK_WAIT` for a
         table lock, then fail with an error :meth:`is_lock_timeout` recognises."""
@@ -68,6 +73,11 @@ class SQLiteImpl(DefaultImpl):
             yield
         finally:
             sa.event.remove(conn, 'before_cursor_execute', begin)
+
+    def holds_write_lock(self, conn):
+        # transaction_from_first_statement() began it IMMEDIATE: the write lock is ours.
+        driver = conn.connection.driver_connection
+        return driver is not None and driver.in_transaction
 
     def is_busy(self, error):
         import sqlite3  # loaded already: only an engine on SQLite gets this object

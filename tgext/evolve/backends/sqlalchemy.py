@@ -42,6 +42,19 @@ _READ_HISTORY = {(errors, batches): _history_query(errors, batches)
                  for errors in (False, True) for batches in (False, True)}
 
 
+class SelfLocked(RuntimeError):
+    """The evolution waited for SQLite's write lock, which its own transaction holds."""
+
+
+_SELF_LOCKED = (
+    "{where} waited for SQLite's write lock until it gave up ('database is locked'), and its "
+    "own transaction holds that lock: it wrote through DBSession first, then through another "
+    "connection (engine.begin(), engine.connect(), another session, another thread), which "
+    "can never get the lock while the evolution's transaction is open.  Write through "
+    "DBSession only (DBSession.execute() runs Core statements in the evolution's "
+    "transaction).")
+
+
 def _float(value):
     # MySQL returns DECIMAL for db_now(); everything else is already a float.
     return None if value is None else float(value)
@@ -344,6 +357,10 @@ class SQLAlchemyBackend(Backend):
                 with (_reading_from_master(session),
                       self._impl.transaction_from_first_statement(conn)):
                     result = work()
+            except sa_exc.OperationalError as e:
+                if self._impl.is_busy(e) and self._impl.holds_write_lock(conn):
+                    raise SelfLocked(_SELF_LOCKED.format(where=where)) from e
+                raise
             finally:
                 guard.disarm()  # raises if the work committed or aborted the transaction
             session.flush()
