@@ -602,3 +602,61 @@ def test_evolution_busy_attempt_after_attempt_for_longer_than_a_lease_is_a_failu
     assert record.state == FAILED and record.attempts > 1
     assert 'The database stayed busy for' in record.error
     assert runner.state.phase == 'failed'
+
+
+# --- 12. SQLite: the expected waits are neither warnings nor late --------------------------
+
+def test_sqlite_long_evolution_neither_warns_nor_delays_a_waiting_process(sqlite_database_url,
+                                                                         caplog):
+    import threading
+    from sqlalchemy import orm
+    import zope.sqlalchemy
+    from tgext.evolve.backends.sqlalchemy import SQLAlchemyBackend
+    conftest.empty_sql_database(sqlite_database_url)
+    # The holder's renewals give up after 0.3 s (5 s by default: the same wait, sooner); the
+    # waiting process would wait 60 s for a write lock.
+    engine = sa.create_engine(sqlite_database_url, connect_args={'timeout': 0.3})
+    waiter_engine = sa.create_engine(sqlite_database_url, connect_args={'timeout': 60})
+    conftest.SideEffectBase.metadata.create_all(engine)
+    session = orm.scoped_session(orm.sessionmaker(bind=engine))
+    zope.sqlalchemy.register(session)
+    release = threading.Event()
+    looked = []
+
+    def evolve():
+        session.add(conftest.SideEffect(key='x'))
+        session.flush()  # holds SQLite's write lock until the commit
+        release.wait(60)
+
+    holder = Runner(SQLAlchemyBackend(engine, session), [evolution('e1', evolve)],
+                    settings(lease=0.6))
+    waiter = Runner(SQLAlchemyBackend(waiter_engine), [evolution('e1', evolve)],
+                    settings(lease=0.6))
+    with caplog.at_level(logging.DEBUG, logger='tgext.evolve'):
+        holder.start()
+        try:
+            wait_until(lambda: holder.state.phase == 'evolving', 'the holder evolving')
+            # Its lease runs out while it writes: renewals wait (and give up) meanwhile.
+            lock = waiter.backend.read_lock()
+            wait_until(lambda: waiter.backend.read_lock().expires_in < -0.5,
+                       'the lease looking expired')
+            first_look = threading.Thread(target=lambda: looked.append(waiter.step()))
+            first_look.start()
+            # Before: the takeover's UPDATE sat in a lock wait until the holder committed.
+            wait_until(lambda: looked, "the waiting process's first look, while the holder "
+                       "still writes", timeout=10)
+            assert looked == ['wait'] and waiter.state.phase == 'waiting'
+            assert lock.owner == holder.owner
+        finally:
+            release.set()
+            first_look.join(90)
+            holder.stop(30)
+            waiter.stop()
+            session.remove()
+            engine.dispose()
+            waiter_engine.dispose()
+
+    assert holder.backend.read_history()['e1'].state == APPLIED
+    lines = [(r.levelno, r.name, r.getMessage()) for r in caplog.records]
+    assert [line for line in lines if line[0] >= logging.WARNING] == []
+    assert not [line for line in lines if '[SQL:' in line[2] and line[0] >= logging.INFO]

@@ -208,7 +208,7 @@ class SQLAlchemyBackend(Backend):
         taken = dict(owner=owner, acquired_at=now, renewed_at=now,
                      expires_at=now + lease_seconds, released_by=None)
         try:
-            with self.engine.begin() as conn:
+            with self.engine.begin() as conn, self._impl.no_lock_wait(conn):
                 # The compare-and-set: the condition is evaluated under the row lock, so of two
                 # processes that both saw the lease expired, only the first one's UPDATE matches.
                 result = conn.execute(
@@ -230,7 +230,7 @@ class SQLAlchemyBackend(Backend):
         if exists:
             return None
         try:
-            with self.engine.begin() as conn:
+            with self.engine.begin() as conn, self._impl.no_lock_wait(conn):
                 conn.execute(lock_table.insert().values(name=name, generation=1, **taken))
                 return self._lease(conn, name, owner, lease_seconds)
         except sa_exc.IntegrityError:
