@@ -660,3 +660,22 @@ def test_sqlite_long_evolution_neither_warns_nor_delays_a_waiting_process(sqlite
     lines = [(r.levelno, r.name, r.getMessage()) for r in caplog.records]
     assert [line for line in lines if line[0] >= logging.WARNING] == []
     assert not [line for line in lines if '[SQL:' in line[2] and line[0] >= logging.INFO]
+
+
+# --- 4. Core statements inside the atomic unit --------------------------------------------
+
+@pytest.mark.parametrize('fails', [False, True], ids=['applied', 'failed'])
+def test_core_statements_through_dbsession_are_inside_the_atomic_unit(sql, fails):
+    # README's supported way: DBSession.execute(...) and DBSession.connection().
+    table = conftest.SideEffect.__table__
+
+    def evolve():
+        sql.session.execute(table.insert().values(key='core'))
+        sql.session.connection().execute(table.insert().values(key='core'))
+        if fails:
+            raise RuntimeError('after the Core statements')
+
+    run_steps(Runner(sql.make_backend(), [evolution('e1', evolve)], settings()))
+
+    assert sql.make_backend().read_history()['e1'].state == (FAILED if fails else APPLIED)
+    assert sql.count_side_effects('core') == (0 if fails else 2)
