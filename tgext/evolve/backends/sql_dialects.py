@@ -95,7 +95,10 @@ class SQLiteImpl(DefaultImpl):
 
     def holds_write_lock(self, conn):
         # transaction_from_first_statement() began it IMMEDIATE: the write lock is ours.
-        driver = conn.connection.driver_connection
+        try:
+            driver = conn.connection.driver_connection
+        except Exception:  # closed (the work aborted the transaction): it holds nothing
+            return False
         return driver is not None and driver.in_transaction
 
     def is_busy(self, error):

@@ -341,7 +341,7 @@ class SQLAlchemyBackend(Backend):
             on_insert=dict(attempts=1, started_at=now, duration_ms=0.0))
         return self._read_one(conn, evolution_id)
 
-    def _in_app_transaction(self, work, finish, where):
+    def _in_app_transaction(self, work, finish, where="an evolution's work"):
         """``work()`` then ``finish(conn, result)`` in one transaction of the application's
         session, committed together; rolled back (and the error raised) if either raises.
         ``where`` names the work for a :class:`~.transaction_guard.TransactionGuard`."""
@@ -350,9 +350,9 @@ class SQLAlchemyBackend(Backend):
         manager.begin()
         guard = TransactionGuard(where, manager)
         try:
-            guard.arm()
             session = self.session()
             conn = session.connection(bind_arguments={'bind': self._session_engine})
+            guard.arm()  # armed around the work only: tgext.evolve's own abort must pass
             try:
                 with (_reading_from_master(session),
                       self._impl.transaction_from_first_statement(conn)):
