@@ -100,7 +100,13 @@ def _begin(db):
     db.write_side_effect('escaped')
 
 
+def _session_commit(db):
+    db.write_side_effect('escaped')
+    db.session.commit()
+
+
 ESCAPES = {
+    'session-commit': (_session_commit, 'DBSession.commit()'),
     'commit-then-raise': (_commit_then_raise, 'transaction.commit()'),
     'commit-without-flush': (_commit_without_flush, 'transaction.commit()'),
     'abort': (_abort, 'transaction.abort()'),

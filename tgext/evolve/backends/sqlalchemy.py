@@ -55,6 +55,10 @@ _SELF_LOCKED = (
     "transaction).")
 
 
+# What zope.sqlalchemy raises for DBSession.commit() in a session it manages.
+_ZOPE_REFUSED_COMMIT = 'Transaction must be committed using the transaction manager'
+
+
 def _float(value):
     # MySQL returns DECIMAL for db_now(); everything else is already a float.
     return None if value is None else float(value)
@@ -360,6 +364,10 @@ class SQLAlchemyBackend(Backend):
             except sa_exc.OperationalError as e:
                 if self._impl.is_busy(e) and self._impl.holds_write_lock(conn):
                     raise SelfLocked(_SELF_LOCKED.format(where=where)) from e
+                raise
+            except AssertionError as e:
+                if _ZOPE_REFUSED_COMMIT in str(e):
+                    raise guard.session_commit_refused() from e
                 raise
             finally:
                 guard.disarm()  # raises if the work committed or aborted the transaction

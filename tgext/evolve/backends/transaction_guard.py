@@ -55,6 +55,12 @@ class TransactionGuard:
         if self.refused is not None:
             raise self._error()
 
+    def session_commit_refused(self):
+        """The error for zope.sqlalchemy's refusal of ``DBSession.commit()``, which says only
+        "Transaction must be committed using the transaction manager"."""
+        self.refused = self.refused or 'DBSession.commit'
+        return self._error()
+
     def _refuse(self, what):
         if self.refused is None:
             self.refused = what
@@ -62,6 +68,7 @@ class TransactionGuard:
 
     def _error(self):
         did = ('began a transaction of its own' if self.refused == 'begin' else
+               'called DBSession.commit()' if self.refused == 'DBSession.commit' else
                f'called transaction.{self.refused}()')
         return TransactionEscaped(f'{self.where} {did}: refused, nothing of it is committed. '
                                   + _REMOVE.format(where=self.where))
