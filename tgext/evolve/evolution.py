@@ -17,7 +17,8 @@ class Evolution:
     ``evolve()`` runs in a background thread (or in ``gearbox evolve run``) with no request;
     the application's configuration is available as ``self.config``.  On SQL databases its work
     through ``model.DBSession`` is committed by tgext.evolve, together with the history record:
-    do not commit it yourself.
+    do not commit it yourself (``transaction.commit()`` or ``abort()`` in ``evolve()`` is
+    refused, and the evolution recorded failed with nothing of it committed).
     """
 
     #: Unique, at most 128 characters, never renamed.
