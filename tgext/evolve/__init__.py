@@ -4,7 +4,7 @@ The public API is what this module exports; everything else is internal.
 """
 from .alembic_upgrade import AlembicUpgrade
 from .errors import (ConfigurationError, EvolutionFailed, EvolveError, LeaseLost, LockWaitTimeout,
-                     OperationRefused)
+                     OperationRefused, TransactionEscaped)
 from .evolution import BatchEvolution, Evolution
 from .plugin import plugme
 from .status_page import EvolveStatusController
@@ -20,4 +20,4 @@ def baseline(config, *, timeout=None):
 
 __all__ = ['plugme', 'baseline', 'Evolution', 'BatchEvolution', 'AlembicUpgrade', 'EvolveStatusController',
            'EvolveError', 'ConfigurationError', 'LeaseLost', 'EvolutionFailed',
-           'OperationRefused', 'LockWaitTimeout', '__version__']
+           'OperationRefused', 'LockWaitTimeout', 'TransactionEscaped', '__version__']

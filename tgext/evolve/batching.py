@@ -11,9 +11,10 @@ import math
 import time
 import traceback
 
-from . import logs
+from . import failure_text, logs
 from .cursors import check_user_cursor
-from .errors import ConfigurationError, LeaseLost
+from .errors import ConfigurationError, LeaseLost, TransactionEscaped
+from .evolution import ran_its_body
 from .backends.base import BatchCheckpoint
 from .records import APPLIED, PAUSED, STARTED
 
@@ -156,6 +157,7 @@ class BatchedRun:
     """
 
     def __init__(self, runner, step, heartbeat):
+        self.runner = runner
         self.backend = runner.backend
         self.settings = runner.settings
         self.state = runner.state
@@ -171,6 +173,7 @@ class BatchedRun:
         self.throttle = 0.0 if step.blocking else self.settings.throttle
         self._logged_at = 0.0
         self.error = None  # the traceback text recorded when the run failed
+        self.attempts = step.record.attempts if step.record is not None else 0  # until started
 
     # --- the run ---------------------------------------------------------------------------
 
@@ -183,6 +186,8 @@ class BatchedRun:
             if self.backend.is_transient(e) or self.backend.is_busy(e):
                 raise
             return self._fail(traceback.format_exc())  # collection() or count() raised
+        except BaseException as e:
+            return self._fail_on_base_exception(e)
         try:
             record = self.backend.record_batches_running(
                 self.heartbeat.lease, self.evolution_id, self.evolution.batch_size, total,
@@ -190,6 +195,7 @@ class BatchedRun:
         except LeaseLost:
             self.heartbeat.lost.set()
             return LOST
+        self.attempts = record.attempts
         log.info('evolving %r in batches (%s, attempt %d)%s', self.evolution_id,
                  self.step.reason, record.attempts, _resume_note(record))
         self.attempt = record.attempts
@@ -241,8 +247,8 @@ class BatchedRun:
                             self.evolution_id, '' if self.backend.atomic_apply else
                             ' (its flushed writes stay: at least once)')
                 return LOST
-            except ConfigurationError:
-                return self._fail(traceback.format_exc())
+            except (ConfigurationError, TransactionEscaped):
+                return self._fail(traceback.format_exc())  # the same every time: no retry
             except Exception as e:
                 if self.backend.is_transient(e) or self.backend.is_busy(e):
                     raise  # the database, not the batch: the runner retries, resuming here
@@ -254,6 +260,8 @@ class BatchedRun:
                             'retrying with %d items', self.evolution_id, _short(cursor),
                             type(e).__name__, _short(str(e)), sizer.halve())
                 continue
+            except BaseException as e:
+                return self._fail_on_base_exception(e)  # not retried: it was no accident
             self.heartbeat.note_renewed()  # the batch's fencing check renewed the lease
             failures = 0
             cursor, done, rate = work.cursor, record.progress_done or 0, record.rate
@@ -294,13 +302,22 @@ class BatchedRun:
                 f'batch before it is committed and the checkpoint is kept there: retry resumes '
                 f'from it.\n')
 
+    def _fail_on_base_exception(self, error):
+        """SystemExit, KeyboardInterrupt, GeneratorExit from the evolution: its failure (the
+        thread lives on); a Ctrl-C in a foreground run is raised once recorded."""
+        from .runner import interrupts_foreground
+        outcome = self._fail(traceback.format_exc())
+        if interrupts_foreground(error):
+            raise error
+        return outcome
+
     def _fail(self, error):
-        self.error = error
-        self.backend.record_failure(self.heartbeat.lease, self.evolution_id, error)
-        self.audit(self.evolution_id, FAILED, f'attempt {self.attempt}, '
-                                              f'checkpoint kept', error)
+        self.error = self.runner.record_failure(self.heartbeat, self.evolution_id,
+                                                self.attempts, error)
+        self.audit(self.evolution_id, FAILED, f'attempt {self.attempt}, checkpoint kept',
+                   self.error)
         log.error('evolution %r failed; its last batch was rolled back, its checkpoint kept:'
-                  '\n%s', self.evolution_id, error.rstrip())
+                  '\n%s', self.evolution_id, failure_text.loggable(self.error))
         return FAILED
 
 
@@ -323,10 +340,10 @@ class _BatchWork:
         if self.walker is not None:
             batch = self.walker.next_batch(self.cursor, size)
             if batch.items:
-                evolution.process_batch(batch.items)
+                ran_its_body(evolution, 'process_batch', batch.items)
             items, cursor, exhausted = len(batch.items), batch.cursor, not batch.items
         else:
-            returned = evolution.batch(self.cursor, size)
+            returned = ran_its_body(evolution, 'batch', self.cursor, size)
             exhausted = returned is None
             cursor = self.cursor if exhausted else check_user_cursor(self.run.evolution_id,
                                                                      returned)

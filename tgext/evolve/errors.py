@@ -49,3 +49,9 @@ class OperationRefused(EvolveError):
 
 class LockWaitTimeout(EvolveError):
     """Another process held the lock for longer than the caller was willing to wait."""
+
+
+class TransactionEscaped(EvolveError):
+    """An evolution committed, aborted or replaced the transaction tgext.evolve runs it in
+    (``transaction.commit()`` inside ``evolve()``, as 0.0.5 asked): refused, nothing of it is
+    committed, and it is recorded failed with this message."""

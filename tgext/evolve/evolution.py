@@ -17,7 +17,8 @@ class Evolution:
     ``evolve()`` runs in a background thread (or in ``gearbox evolve run``) with no request;
     the application's configuration is available as ``self.config``.  On SQL databases its work
     through ``model.DBSession`` is committed by tgext.evolve, together with the history record:
-    do not commit it yourself.
+    do not commit it yourself (``transaction.commit()`` or ``abort()`` in ``evolve()`` is
+    refused, and the evolution recorded failed with nothing of it committed).
     """
 
     #: Unique, at most 128 characters, never renamed.
@@ -102,7 +103,7 @@ class BatchEvolution(Evolution):
     def process_batch(self, items):
         """Change a batch of items at once (bulk statements); by default ``process()`` each."""
         for item in items:
-            self.process(item)
+            ran_its_body(self, 'process', item)
 
     def batch(self, cursor, size):
         """The low-level form: do up to ``size`` items after ``cursor``, return the new cursor,
@@ -187,6 +188,24 @@ def _check_plain_function(evolution, name):
     raise ConfigurationError(
         f'evolution {evolution.evolution_id!r}: {name}() is {kind}; tgext.evolve calls it '
         f'in a plain thread and would never run its body: make it a plain method')
+
+
+def ran_its_body(evolution, name, *args):
+    """Call ``evolution.<name>(*args)``; raise ConfigurationError if what it returned is a
+    coroutine or a generator, whose body did not run.
+
+    The start-up check sees ``async def`` and generator methods of the class; this one sees
+    the rest (a synchronous decorator around an ``async def``, a method set on the instance),
+    so that such an evolution is recorded failed instead of applied."""
+    result = getattr(evolution, name)(*args)
+    if inspect.iscoroutine(result) or inspect.isgenerator(result):
+        result.close()  # never started: closing it only silences "never awaited"
+    elif not inspect.isasyncgen(result):
+        return result
+    raise ConfigurationError(
+        f'evolution {evolution.evolution_id!r}: {name}() returned a {type(result).__name__} '
+        f'instead of running: its body never ran.  tgext.evolve calls it in a plain thread: '
+        f'make it a plain method (no async def, no yield, no decorator that makes one)')
 
 
 def _check_flag(evolution, name):

@@ -81,6 +81,12 @@ class Heartbeat:
                 self.lost.set()
                 return
             except Exception as e:
+                if self.backend.is_busy(e):
+                    # SQLite, one writer: the evolution's own open transaction keeps the
+                    # renewal out until it commits, which renews the lease.  Expected, and
+                    # safe (nobody else can write meanwhile): no warning.
+                    log.debug('lease renewal waits for the evolution\'s write transaction')
+                    continue
                 # The lease may expire while the database is away; fencing keeps that safe.
                 if not failing:
                     log.warning('cannot renew the lease: %s: %s', type(e).__name__, e)

@@ -12,6 +12,23 @@ from .forking import fork_gate
 
 ROOT = 'tgext.evolve'
 
+#: No line is longer than this many characters: its head and its tail are kept.  A database
+#: error can carry a whole statement (megabytes of parameters), an exception any text.
+MAX_LINE = 8_000
+
+
+def capped_line(message, args):
+    """``message % args``, cut in the middle to :data:`MAX_LINE` characters."""
+    try:
+        text = message % args if args else str(message)
+    except (TypeError, ValueError, KeyError):  # a wrong format must not raise in the caller
+        text = f'{message} {args!r}'
+    if len(text) <= MAX_LINE:
+        return text
+    cut = len(text) - MAX_LINE + 40
+    head = (len(text) - cut) // 2
+    return f'{text[:head]}[... {cut} characters cut ...]{text[head + cut:]}'
+
 
 class GatedLogger:
     """The logger ``name``, writing each line through :data:`~.forking.fork_gate`.
@@ -34,8 +51,9 @@ class GatedLogger:
     def log(self, level, message, *args, **kwargs):
         logger = self._logger
         if logger.isEnabledFor(level):
+            line = capped_line(message, args)
             with self._gate.call():
-                logger.log(level, message, *args, **kwargs)
+                logger.log(level, '%s', line, **kwargs)
 
     def debug(self, message, *args, **kwargs):
         self.log(logging.DEBUG, message, *args, **kwargs)

@@ -15,9 +15,9 @@ import threading
 import time
 import traceback
 
-from . import logs
+from . import failure_text, logs
 from .errors import ConfigurationError, EvolutionFailed, LeaseLost
-from .evolution import BatchEvolution
+from .evolution import BatchEvolution, ran_its_body
 from .planning import fingerprints, plan
 from .records import (ADOPTED, APPLIED, DEFAULT_LOCK_NAME, FAILED, PAUSE, PAUSED, RESUME, RETRY,
                       STARTED)
@@ -58,6 +58,14 @@ def legacy_adoptions(evolutions, legacy, history):
     return [i for i in ids[:ids.index(legacy.version) + 1] if i not in history]
 
 
+def interrupts_foreground(error):
+    """True for a Ctrl-C in a foreground run (``gearbox evolve run``): recorded as the
+    evolution's failure, then raised, so that the command still stops.  Anywhere else a
+    BaseException from an evolution is only its failure."""
+    return (isinstance(error, KeyboardInterrupt)
+            and threading.current_thread() is threading.main_thread())
+
+
 class RunListener:
     """What a foreground driver hears while evolutions run (``gearbox evolve run`` draws its
     progress bars from it).  Called in the thread running ``evolve()``: it must not raise."""
@@ -92,6 +100,8 @@ class Runner:
         self._failures_at_start = None
         self.paused = None  # the paused evolution the last step stopped at, if any
         self._attempted = set()
+        self._unrecorded = {}  # id: attempt of a failure the database refused to record
+        self._evolution_busy_since = {}  # id: when its runs began failing busy
         self._waiting = False
         self._last_note = None
         self._busy_since = None
@@ -270,9 +280,11 @@ class Runner:
     def _retryable(self, step):
         """A failure is retried once per process start, and only if nobody retried it since."""
         record = step.record
+        evolution_id = step.evolution_id
+        if record is not None and self._unrecorded.get(evolution_id) == record.attempts:
+            return False  # failed here, unrecorded: never retried for it (no retry storm)
         if record is None or record.state != FAILED or record.requested == RETRY:
             return True  # an operator's retry request is honoured by whoever takes the lock
-        evolution_id = step.evolution_id
         return (evolution_id not in self._attempted
                 and self._failures_at_start.get(evolution_id) == record.attempts)
 
@@ -412,7 +424,7 @@ class Runner:
                        'tgext.evolve 0.0.5 recorded %r as its last evolution, but no registered '
                        'evolution has that id: adopting nothing', legacy.version)
             return
-        history = self.backend.read_history()
+        history = self.backend.read_history(errors=False)
         adopt = legacy_adoptions(self.evolutions, legacy, history)
         if adopt:
             self.backend.record_states(heartbeat.lease, adopt, ADOPTED)
@@ -459,8 +471,9 @@ class Runner:
         sink = evolution._progress_sink = ProgressSink(evolution_id, heartbeat, self.state,
                                                        self.listener)
         try:
-            record = self.backend.apply(heartbeat.lease, evolution_id, evolution.evolve,
-                                        fingerprint, final_progress=sink.last)
+            record = self.backend.apply(heartbeat.lease, evolution_id,
+                                        lambda: ran_its_body(evolution, 'evolve'), fingerprint,
+                                        final_progress=sink.last)
         except LeaseLost:
             heartbeat.lost.set()
             log.warning('lock lost while %r ran: %s', evolution_id,
@@ -469,23 +482,84 @@ class Runner:
             self._audit(evolution_id, LOST, 'the lock was lost while it ran')
             return False
         except Exception as e:
-            if self.backend.is_transient(e) or self.backend.is_busy(e):
-                raise  # the connection died or the database was busy, not the evolution
-            error = traceback.format_exc()
-            self.failure = EvolutionFailed(evolution_id, error, self.applied)
-            self.backend.record_failure(heartbeat.lease, evolution_id, error)
-            log.error('evolution %r failed (attempt %d); its work was rolled back:\n%s',
-                      evolution_id, running.attempts, error.rstrip())
-            self._audit(evolution_id, FAILED, f'attempt {running.attempts}', error)
+            if self.backend.is_transient(e):
+                raise  # the connection died, not the evolution
+            if self.backend.is_busy(e) and not self._busy_past_a_lease(evolution_id):
+                raise  # contention: the runner retries at the next poll
+            self._failed(heartbeat, evolution_id, running.attempts, traceback.format_exc()
+                         + self._busy_note(evolution_id, e))
+            return False
+        except BaseException as e:
+            # SystemExit, KeyboardInterrupt, GeneratorExit: in the evolution thread they would
+            # end it, leaving the record running and the gate closed for good.
+            self._failed(heartbeat, evolution_id, running.attempts, traceback.format_exc())
+            if interrupts_foreground(e):
+                raise
             return False
         finally:
             evolution._progress_sink = None
             self.listener.finished(evolution_id)
+        self._evolution_busy_since.pop(evolution_id, None)
         self.applied.append(evolution_id)
         log.info('applied %r in %.0f ms', evolution_id, record.duration_ms or 0)
         self._audit(evolution_id, APPLIED, f'attempt {running.attempts}, '
                                            f'{record.duration_ms or 0:.0f} ms')
         return True
+
+    def _busy_past_a_lease(self, evolution_id):
+        """An evolution that keeps failing busy for longer than a lease is failing: its own
+        code waits for a lock it cannot get (its own write lock, on SQLite, through a
+        connection of its own).  Re-run forever, it would keep the site on 503 for good."""
+        since = self._evolution_busy_since.setdefault(evolution_id, time.monotonic())
+        return time.monotonic() - since > self.settings.lease
+
+    def _busy_note(self, evolution_id, error):
+        since = self._evolution_busy_since.pop(evolution_id, None)
+        if since is None or not self.backend.is_busy(error):
+            return ''
+        return (f'\nThe database stayed busy for {time.monotonic() - since:.0f} s (longer than '
+                f'the {self.settings.lease:g} s lease) while this evolution ran, attempt after '
+                f'attempt: its own code waits for a lock it cannot get.  On SQLite: write '
+                f'through DBSession only, not through a connection of its own '
+                f'(engine.begin()) or another thread.\n')
+
+    def _failed(self, heartbeat, evolution_id, attempts, error):
+        """Record that ``evolution_id`` failed with the traceback ``error``, and log it."""
+        error = self.record_failure(heartbeat, evolution_id, attempts, error)
+        self.failure = EvolutionFailed(evolution_id, error, self.applied)
+        self._audit(evolution_id, FAILED, f'attempt {attempts}', error)
+        log.error('evolution %r failed (attempt %d); its work was rolled back:\n%s',
+                  evolution_id, attempts, failure_text.loggable(error))
+
+    def record_failure(self, heartbeat, evolution_id, attempts, error):
+        """Record the failure whatever its text says (sanitised and capped: see
+        :mod:`.failure_text`); returns the text recorded.
+
+        A database that refuses to store the record is no outage, and the evolution must not
+        run again for it: if even the plain-ASCII text is refused, this process remembers the
+        failure and follows ``on_failure`` without running the evolution again.
+        """
+        text = failure_text.storable(error)
+        problem = None
+        for attempt in dict.fromkeys((text, failure_text.plain(error))):
+            try:
+                self.backend.record_failure(heartbeat.lease, evolution_id, attempt)
+                return attempt
+            except LeaseLost:
+                heartbeat.lost.set()
+                log.warning('lock lost before the failure of %r was recorded: the next holder '
+                            'runs it again', evolution_id)
+                break
+            except Exception as e:
+                problem = e
+                if self.backend.is_transient(e) or self.backend.is_busy(e):
+                    break  # the database went away meanwhile: nothing else would be stored
+        self._unrecorded[evolution_id] = attempts
+        if problem is not None:
+            log.error('cannot record the failure of %r (%s: %s): this process will not run it '
+                      'again', evolution_id, type(problem).__name__,
+                      failure_text.loggable(str(problem))[:500])
+        return text
 
     def _run_batched(self, step, heartbeat):
         from .batching import DONE as BATCHES_DONE, FAILED as BATCHES_FAILED, BatchedRun

@@ -30,6 +30,16 @@ class DefaultImpl:
         (SQLite): contention to retry at the next poll, not an outage."""
         return False
 
+    def no_lock_wait(self, conn):
+        """Around a lock acquisition's write on ``conn``: fail busy at once rather than wait
+        for another connection's write lock (SQLite)."""
+        return contextlib.nullcontext()
+
+    def holds_write_lock(self, conn):
+        """True when ``conn``'s open transaction holds the database's single write lock
+        (SQLite): any other connection's write then waits for it, and fails busy."""
+        return False
+
     def bounded_lock_wait(self, conn):
         """Around a storage upgrade's DDL on ``conn``: wait at most :data:`DDL_LOCK_WAIT` for a
         table lock, then fail with an error :meth:`is_lock_timeout` recognises."""
@@ -68,6 +78,28 @@ class SQLiteImpl(DefaultImpl):
             yield
         finally:
             sa.event.remove(conn, 'before_cursor_execute', begin)
+
+    @contextlib.contextmanager
+    def no_lock_wait(self, conn):
+        """A lease that looks expired on SQLite is mostly a holder inside a long evolution
+        (its transaction keeps even its own renewals out): the takeover's UPDATE would wait
+        for that write lock for the whole busy timeout (5 s by default), on every poll and at
+        a process's first look.  Busy at once is the same answer: somebody is writing."""
+        driver = conn.connection.driver_connection
+        previous = driver.execute('PRAGMA busy_timeout').fetchone()[0]
+        driver.execute('PRAGMA busy_timeout = 0')
+        try:
+            yield
+        finally:
+            driver.execute(f'PRAGMA busy_timeout = {int(previous):d}')
+
+    def holds_write_lock(self, conn):
+        # transaction_from_first_statement() began it IMMEDIATE: the write lock is ours.
+        try:
+            driver = conn.connection.driver_connection
+        except Exception:  # closed (the work aborted the transaction): it holds nothing
+            return False
+        return driver is not None and driver.in_transaction
 
     def is_busy(self, error):
         import sqlite3  # loaded already: only an engine on SQLite gets this object

@@ -42,6 +42,23 @@ _READ_HISTORY = {(errors, batches): _history_query(errors, batches)
                  for errors in (False, True) for batches in (False, True)}
 
 
+class SelfLocked(RuntimeError):
+    """The evolution waited for SQLite's write lock, which its own transaction holds."""
+
+
+_SELF_LOCKED = (
+    "{where} waited for SQLite's write lock until it gave up ('database is locked'), and its "
+    "own transaction holds that lock: it wrote through DBSession first, then through another "
+    "connection (engine.begin(), engine.connect(), another session, another thread), which "
+    "can never get the lock while the evolution's transaction is open.  Write through "
+    "DBSession only (DBSession.execute() runs Core statements in the evolution's "
+    "transaction).")
+
+
+# What zope.sqlalchemy raises for DBSession.commit() in a session it manages.
+_ZOPE_REFUSED_COMMIT = 'Transaction must be committed using the transaction manager'
+
+
 def _float(value):
     # MySQL returns DECIMAL for db_now(); everything else is already a float.
     return None if value is None else float(value)
@@ -206,7 +223,7 @@ class SQLAlchemyBackend(Backend):
         taken = dict(owner=owner, acquired_at=now, renewed_at=now,
                      expires_at=now + lease_seconds, released_by=None)
         try:
-            with self.engine.begin() as conn:
+            with self.engine.begin() as conn, self._impl.no_lock_wait(conn):
                 # The compare-and-set: the condition is evaluated under the row lock, so of two
                 # processes that both saw the lease expired, only the first one's UPDATE matches.
                 result = conn.execute(
@@ -228,7 +245,7 @@ class SQLAlchemyBackend(Backend):
         if exists:
             return None
         try:
-            with self.engine.begin() as conn:
+            with self.engine.begin() as conn, self._impl.no_lock_wait(conn):
                 conn.execute(lock_table.insert().values(name=name, generation=1, **taken))
                 return self._lease(conn, name, owner, lease_seconds)
         except sa_exc.IntegrityError:
@@ -340,16 +357,32 @@ class SQLAlchemyBackend(Backend):
             on_insert=dict(attempts=1, started_at=now, duration_ms=0.0))
         return self._read_one(conn, evolution_id)
 
-    def _in_app_transaction(self, work, finish):
+    def _in_app_transaction(self, work, finish, where="an evolution's work"):
         """``work()`` then ``finish(conn, result)`` in one transaction of the application's
-        session, committed together; rolled back (and the error raised) if either raises."""
+        session, committed together; rolled back (and the error raised) if either raises.
+        ``where`` names the work for a :class:`~.transaction_guard.TransactionGuard`."""
+        from .transaction_guard import TransactionGuard
         manager = transaction.manager  # thread-local: this thread's own transaction
         manager.begin()
+        guard = TransactionGuard(where, manager)
         try:
             session = self.session()
             conn = session.connection(bind_arguments={'bind': self._session_engine})
-            with _reading_from_master(session), self._impl.transaction_from_first_statement(conn):
-                result = work()
+            guard.arm()  # armed around the work only: tgext.evolve's own abort must pass
+            try:
+                with (_reading_from_master(session),
+                      self._impl.transaction_from_first_statement(conn)):
+                    result = work()
+            except sa_exc.OperationalError as e:
+                if self._impl.is_busy(e) and self._impl.holds_write_lock(conn):
+                    raise SelfLocked(_SELF_LOCKED.format(where=where)) from e
+                raise
+            except AssertionError as e:
+                if _ZOPE_REFUSED_COMMIT in str(e):
+                    raise guard.session_commit_refused() from e
+                raise
+            finally:
+                guard.disarm()  # raises if the work committed or aborted the transaction
             session.flush()
             # On the session's own connection to our engine: the same database transaction
             # as the work, even when the session also talks to other engines.
@@ -379,7 +412,7 @@ class SQLAlchemyBackend(Backend):
             return self._record_finished(conn, lease, evolution_id, APPLIED, error=None,
                                          fingerprint=fingerprint, **shown)
 
-        return self._in_app_transaction(work, finish)
+        return self._in_app_transaction(work, finish, f'evolve() of {evolution_id!r}')
 
     def record_failure(self, lease, evolution_id, error):
         with self.engine.begin() as conn:
@@ -483,7 +516,8 @@ class SQLAlchemyBackend(Backend):
             self._write_checkpoint(conn, lease, evolution_id, checkpoint)
             return self._read_one(conn, evolution_id)
 
-        return self._in_app_transaction(work, finish)
+        return self._in_app_transaction(
+            work, finish, f'a batch of {evolution_id!r} (process(), process_batch(), batch())')
 
     def _write_checkpoint(self, conn, lease, evolution_id, checkpoint):
         from .sql_schema import db_now, history_table as h
