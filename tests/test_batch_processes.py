@@ -138,7 +138,7 @@ def test_a_stale_holder_commits_nothing_after_waking_or_after_its_lease_was_brok
     still hold its lease when it woke).  On PostgreSQL and MariaDB it stops inside a batch,
     with its rows read and half of them processed.
     """
-    rows = 3_000
+    rows = 6_000
     when = 'after_commit' if sql_url.startswith('sqlite') else 'in_batch'
     spec = bump(cost=0.0005, batch_size=50, max_batch_size=200,
                 stop_after={'item': 1_000, 'when': when, 'once_file': 'stopped'})
@@ -161,6 +161,7 @@ def test_a_stale_holder_commits_nothing_after_waking_or_after_its_lease_was_brok
         progress = len(c.calls(successor))
         wait_until(lambda: len(c.calls(successor)) > progress + 200, 'the successor working',
                    DEADLINE)
+        assert c.record().state == RUNNING
         service = types.SimpleNamespace(backend=SQLAlchemyBackend(c.engine),
                                         settings=Settings(**OPTIONS))
         broken = release_lock(service, force=True)
