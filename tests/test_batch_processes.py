@@ -194,8 +194,9 @@ def _state_of(process):
 
 @pytest.mark.slow
 def test_processes_serve_while_a_background_evolution_runs_and_take_it_over(sql_url, tmp_path):
-    rows = 4_000
-    # About 8 s of work at full speed, more with the default throttle: long enough to see.
+    rows = 2_000
+    # About 4 s of work at full speed, twice that with the default throttle: long enough to
+    # see, short enough for a test.
     spec = bump(background=True, cost=0.002, batch_size=50, max_batch_size=200)
     with BatchCluster(sql_url, tmp_path, [spec], OPTIONS) as c:
         c.prepare_items(rows)
