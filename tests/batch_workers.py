@@ -83,6 +83,26 @@ def read_calls(workdir, evolution_id, name):
     return [int(line) for line in text.split('\n')[:-1]]  # a partial last line is not a call
 
 
+def assert_resumed(logs, rows, max_batch):
+    """``logs``: the call logs of the successive holders, the last one finishing.
+
+    Each holder but the last was killed: its calls end with the batch it never committed
+    (possibly none), which its successor redid first, and nothing else; so the committed calls
+    of the holders, end to end, are every row once, in key order.
+    """
+    committed = []
+    for killed, successor in zip(logs, logs[1:]):
+        assert successor, 'a holder took over and processed nothing'
+        start = killed.index(successor[0]) if successor[0] in killed else len(killed)
+        uncommitted = killed[start:]
+        assert uncommitted == successor[:len(uncommitted)], (
+            'the successor did not redo exactly the uncommitted batch first')
+        assert len(uncommitted) <= max_batch, f'{len(uncommitted)} calls redone'
+        committed += killed[:start]
+    committed += logs[-1]
+    assert committed == list(range(1, rows + 1)), 'the committed calls are not every row once'
+
+
 class CountedBump(tgext.evolve.BatchEvolution):
     """``row.n += 1`` over :data:`ITEMS`, every call counted outside the transaction."""
 

@@ -14,6 +14,7 @@ import types
 import pytest
 
 import batch_workers
+from batch_workers import assert_resumed
 from cluster import DEADLINE, START_DEADLINE, Cluster
 from polling import wait_until
 from tgext.evolve.backends.sqlalchemy import SQLAlchemyBackend
@@ -73,26 +74,6 @@ class BatchCluster(Cluster):
 
 def bump(**spec):
     return {'id': BUMP, 'kind': 'batch', 'max_batch_size': MAX_BATCH, **spec}
-
-
-def assert_resumed(logs, rows, max_batch):
-    """``logs``: the call logs of the successive holders, the last one finishing.
-
-    Each holder but the last was killed: its calls end with the batch it never committed
-    (possibly none), which its successor redid first, and nothing else; so the committed calls
-    of the holders, end to end, are every row once, in key order.
-    """
-    committed = []
-    for killed, successor in zip(logs, logs[1:]):
-        assert successor, 'a holder took over and processed nothing'
-        start = killed.index(successor[0]) if successor[0] in killed else len(killed)
-        uncommitted = killed[start:]
-        assert uncommitted == successor[:len(uncommitted)], (
-            'the successor did not redo exactly the uncommitted batch first')
-        assert len(uncommitted) <= max_batch, f'{len(uncommitted)} calls redone'
-        committed += killed[:start]
-    committed += logs[-1]
-    assert committed == list(range(1, rows + 1)), 'the committed calls are not every row once'
 
 
 @pytest.mark.slow
