@@ -23,7 +23,7 @@ from typing import Optional
 from . import logs
 from .errors import ConfigurationError, LockWaitTimeout, OperationRefused
 from .planning import fingerprints, plan as plan_steps, run_order
-from .records import FAILED, MARKED, RUNNING, HistoryRecord, LockRecord
+from .records import FAILED, MARKED, RETRY, RUNNING, HistoryRecord, LockRecord
 from .runner import AGAIN, DONE, Runner, legacy_adoptions, make_owner
 from .service import SERVICE_KEY, service_for_config
 from .state import BLOCKED, MISCONFIGURED, READY
@@ -360,11 +360,18 @@ def retry(service, ids, *, operator=None, on_wait=None, timeout=None):
     _refuse_unknown(service, ids, False, 'retry')
     _refuse_not_failed(ids, service.backend.read_history())  # before waiting for the lock
     with _holding_lock(service, on_wait, timeout) as lease:
-        history = service.backend.read_history()
+        # The storage is current under the lock: the checkpoints can be read.
+        history = service.backend.read_history(batches=True)
         _refuse_not_failed(ids, history)
-        service.backend.delete_history(lease, ids)
-    log.info('failed state cleared by %s, to be retried: %s',
-             operator_identity(lease.owner, operator), ', '.join(ids))
+        operator = operator_identity(lease.owner, operator)
+        # A batched evolution keeps its record, and so its checkpoint: its batches before the
+        # failure are committed, and running them again would apply them twice.  The request
+        # is honoured (and cleared) by the process that runs it next.
+        resumable = [i for i in ids if history[i].checkpoint is not None]
+        for evolution_id in resumable:
+            service.backend.record_request(lease, evolution_id, RETRY, operator)
+        service.backend.delete_history(lease, [i for i in ids if i not in resumable])
+    log.info('failed state cleared by %s, to be retried: %s', operator, ', '.join(ids))
     return tuple(history[i] for i in ids)
 
 

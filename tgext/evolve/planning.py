@@ -14,7 +14,7 @@ import heapq
 from typing import NamedTuple, Optional
 
 from .errors import ConfigurationError
-from .records import FAILED, MAX_ID_LENGTH, PAUSED, RESUME, RUNNING, HistoryRecord
+from .records import FAILED, MAX_ID_LENGTH, PAUSED, RESUME, RETRY, RUNNING, HistoryRecord
 
 
 class PlannedStep(NamedTuple):
@@ -155,6 +155,8 @@ def plan(evolutions, history, fingerprints=None):
             if fingerprint is None or record.fingerprint == fingerprint:
                 continue
             reason = f'fingerprint changed ({record.fingerprint} -> {fingerprint})'
+        elif record.state == FAILED and record.requested == RETRY:
+            reason = f'retried by {record.requested_by}{_resumes(record)}'
         elif record.state == FAILED:
             plural = 's' if record.attempts != 1 else ''
             reason = f'failed before ({record.attempts} attempt{plural})'

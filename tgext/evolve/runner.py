@@ -19,7 +19,7 @@ from . import logs
 from .errors import ConfigurationError, EvolutionFailed, LeaseLost
 from .evolution import BatchEvolution
 from .planning import fingerprints, plan
-from .records import ADOPTED, DEFAULT_LOCK_NAME, FAILED, PAUSE, PAUSED, RESUME
+from .records import ADOPTED, DEFAULT_LOCK_NAME, FAILED, PAUSE, PAUSED, RESUME, RETRY
 from .state import (BLOCKED, EVOLVING, MISCONFIGURED, PAUSED as PAUSED_PHASE, READY,
                     SERVING_AFTER_FAILURE, UNREACHABLE, WAITING, GateState)
 
@@ -265,8 +265,8 @@ class Runner:
     def _retryable(self, step):
         """A failure is retried once per process start, and only if nobody retried it since."""
         record = step.record
-        if record is None or record.state != FAILED:
-            return True
+        if record is None or record.state != FAILED or record.requested == RETRY:
+            return True  # RETRY: an operator asked (the batched record keeps its checkpoint)
         evolution_id = step.evolution_id
         return (evolution_id not in self._attempted
                 and self._failures_at_start.get(evolution_id) == record.attempts)

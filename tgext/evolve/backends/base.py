@@ -258,6 +258,14 @@ class Backend(abc.ABC):
         """
 
     @abc.abstractmethod
+    def record_request(self, lease: Lease, evolution_id: str, request: str,
+                       requested_by: str) -> None:
+        """Record an operator's request (``records.RETRY``...) in the evolution's history
+        record, with ``requested_by`` and ``requested_at``, leaving the rest of the record
+        (its state, its checkpoint) as it is; the process that runs the evolution honours
+        and clears it."""
+
+    @abc.abstractmethod
     def record_paused(self, lease: Lease, evolution_id: str) -> HistoryRecord:
         """Honour a ``pause`` request for an evolution that has not started (or is between
         attempts): ``state=paused``, the request cleared, the checkpoint kept."""

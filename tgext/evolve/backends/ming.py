@@ -477,6 +477,14 @@ class MingBackend(base.Backend):
             return_document=ReturnDocument.AFTER)
         return _history_record(paused or doc)
 
+    def record_request(self, lease: records.Lease, evolution_id: str, request: str,
+                       requested_by: str) -> None:
+        with self._guard():
+            now = time.time()
+            self._fence(lease, now)
+            self._history.update_one({'_id': evolution_id}, {'$set': {
+                'requested': request, 'requested_by': requested_by, 'requested_at': now}})
+
     def record_paused(self, lease: records.Lease, evolution_id: str) -> records.HistoryRecord:
         with self._guard():
             self._fence(lease, time.time())

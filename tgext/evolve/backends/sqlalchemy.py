@@ -500,6 +500,13 @@ class SQLAlchemyBackend(Backend):
             raise LookupError(f'no history record for {evolution_id!r}: record_batches_running '
                               f'first')
 
+    def record_request(self, lease, evolution_id, request, requested_by):
+        from .sql_schema import db_now, history_table as h
+        with self.engine.begin() as conn:
+            self._fence(conn, lease)
+            conn.execute(h.update().where(h.c.evolution_id == evolution_id).values(
+                requested=request, requested_by=requested_by, requested_at=db_now()))
+
     def record_paused(self, lease, evolution_id):
         with self.engine.begin() as conn:
             self._fence(conn, lease)
