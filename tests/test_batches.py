@@ -6,6 +6,7 @@ What real processes show (SIGKILL, SIGSTOP, serving while a background evolution
 the adaptive batch size, failing batches, ``retry``, and what cannot be walked, each judged on
 the rows the evolution changed and on the history a user reads.
 """
+import datetime
 import json
 import logging
 import time
@@ -359,3 +360,62 @@ def test_a_permanently_failing_item_fails_the_evolution_keeping_its_checkpoint_f
     assert items.counts() == {1: rows}
     done = record(db)
     assert (done.state, done.progress_done) == (APPLIED, rows)
+
+
+# --- what cannot be walked or stored: a recorded failure naming the evolution ------------------
+
+def fail_once(db, evolution):
+    runner = runner_for(db.make_backend(), evolution, 'refusing', lease=15.0)
+    drive(runner, lambda: runner.failure is not None, f'{evolution.evolution_id} failing')
+    failed = record(db, evolution.evolution_id)
+    assert failed.state == FAILED
+    assert (failed.checkpoint, failed.progress_done or 0) == (None, 0)
+    return failed.error
+
+
+class Walking(BatchEvolution):
+    def __init__(self, evolution_id, collection):
+        self.evolution_id = evolution_id
+        self._collection = collection
+
+    def collection(self):
+        return self._collection()
+
+    def process(self, item):
+        raise AssertionError('nothing can be walked')
+
+
+def test_a_collection_without_a_primary_key_fails_naming_the_evolution(sql_db):
+    keyless = sa.Table('keyless', sa.MetaData(), sa.Column('x', sa.Integer))
+    keyless.create(sql_db.engine)
+    error = fail_once(sql_db, Walking('keyless_walk', lambda: sa.select(keyless)))
+    assert "evolution 'keyless_walk'" in error and 'no primary key' in error
+
+
+def test_a_collection_over_several_entities_fails_naming_the_evolution(sql_db):
+    items = Items(sql_db)
+    items.create(3)
+    error = fail_once(sql_db, Walking('pairs', lambda: sql_db.session.query(
+        batch_workers.Item, conftest.SideEffect)))
+    assert "evolution 'pairs'" in error and 'several entities' in error
+
+
+class Cursored(BatchEvolution):
+    """The low-level form, returning a datetime as its cursor after changing the first item."""
+    evolution_id = 'cursored'
+
+    def __init__(self, items):
+        self.items = items
+
+    def batch(self, cursor, size):
+        first = next(iter(self.items.collection()))
+        first.n += 1
+        return {'after': datetime.datetime(2024, 5, 1, 12, 0)}
+
+
+def test_a_cursor_that_is_not_json_fails_naming_the_evolution_and_the_value(db):
+    items = Items(db)
+    items.create(3)
+    error = fail_once(db, Cursored(items))
+    assert "evolution 'cursored'" in error and 'datetime' in error
+    assert items.counts() == {0: 3}  # the batch was rolled back (never flushed on Ming)
