@@ -240,6 +240,7 @@ def test_holders_that_die_mid_walk_leave_every_item_changed_once_and_are_resumed
 
 # --- the batch size -------------------------------------------------------------------------------
 
+@pytest.mark.slow  # about 5 s of work per database
 def test_the_batch_size_follows_batch_seconds_when_items_get_costlier_half_way(sql_db):
     """Items cost 0.5 ms each, then 2 ms from the middle on: with batch_seconds = 0.1 the
     batches settle below 200 items, then about four times fewer, each batch (its walk, its work and
