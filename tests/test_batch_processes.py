@@ -131,28 +131,27 @@ def test_a_stale_holder_commits_nothing_after_waking_or_after_its_lease_was_brok
         wait_until(lambda: _state_of(stopped) == 'T', 'the holder stopped', DEADLINE)
         before = len(c.calls(stopped))
         # Another process takes over and gets past the stopped one's batch.
-        successor = c.holder_with(1_200 - 1_000 + 200, exclude=(stopped,))
+        successor = c.holder_with(400, exclude=(stopped,))
         stopped.signal(signal.SIGCONT)
-        # The woken holder finds its lease lost at its next fenced write: nothing it does
-        # from now on is committed.
-        wait_until(lambda: stopped.log_lines('lock lost'), 'the woken holder losing its lock',
-                   DEADLINE)
-
-        # Now break the successor's lease while it works.
-        progress = len(c.calls(successor))
-        wait_until(lambda: len(c.calls(successor)) > progress + 200, 'the successor working',
-                   DEADLINE)
+        # Woken, it finds its lease lost at its next fenced write: nothing it does from now
+        # on is committed.  Meanwhile, the successor's lease is broken while it works (on
+        # SQLite the woken one may get no write lock before the successor is done: the break
+        # cannot wait for it).
         assert c.record().state == RUNNING
         service = types.SimpleNamespace(backend=SQLAlchemyBackend(c.engine),
                                         settings=Settings(**OPTIONS))
         broken = release_lock(service, force=True)
         assert broken.action == 'broken'
+        assert broken.lock.owner == successor.report['owner']
         c.wait_applied(BUMP)
 
         assert c.items() == {1: rows}, 'a stale holder committed a batch after waking'
         assert stopped.alive and successor.alive
-        assert successor.log_lines('lock lost')
-        assert len(c.calls(stopped)) >= before
+        wait_until(lambda: stopped.log_lines('lock lost') and successor.log_lines('lock lost'),
+                   'both stale holders noticing', DEADLINE)
+        if when == 'in_batch':
+            # It went on with the batch it was stopped in, and none of it was committed.
+            assert len(c.calls(stopped)) > before
         record = c.record()
         assert (record.state, record.progress_done) == (APPLIED, rows)
         c.wait_serving(processes)
@@ -175,8 +174,8 @@ def _state_of(process):
 
 @pytest.mark.slow
 def test_processes_serve_while_a_background_evolution_runs_and_take_it_over(sql_url, tmp_path):
-    rows = 2_000
-    # About 4 s of work at full speed, twice that with the default throttle: long enough to
+    rows = 1_500
+    # About 3 s of work at full speed, twice that with the default throttle: long enough to
     # see, short enough for a test.
     spec = bump(background=True, cost=0.002, batch_size=50, max_batch_size=200)
     with BatchCluster(sql_url, tmp_path, [spec], OPTIONS) as c:
@@ -189,16 +188,21 @@ def test_processes_serve_while_a_background_evolution_runs_and_take_it_over(sql_
         holder = c.holder_with(rows // 5)
         record = c.record()
         assert record.state == RUNNING
+        # A process started while it runs serves at once: it never answers 503.
+        (late,) = c.start(1, together=False, prefix='late')
+        c.wait_serving([late], START_DEADLINE)
+        assert late.observed == [200]
+        assert c.record().state == RUNNING
         c.kill(holder)
-        survivors = [p for p in processes if p is not holder]
+        survivors = [p for p in c.processes if p is not holder]
         successor = c.holder_with(1, exclude=(holder,))
         # The survivors served throughout the takeover.
-        assert [p.get('/') for p in survivors] == [200, 200]
+        assert [p.get('/') for p in survivors] == [200] * 3
         c.wait_applied(BUMP)
 
         assert c.items() == {1: rows}
         assert_resumed([c.calls(holder), c.calls(successor)], rows, 200)
-        assert [p.get('/') for p in survivors] == [200, 200]
+        assert [p.get('/') for p in survivors] == [200] * 3
         assert all(503 not in p.observed[p.observed.index(200):] for p in survivors)
 
 
