@@ -356,7 +356,11 @@ def test_a_failing_batch_is_rolled_back_and_retried_at_half_its_size(db, caplog)
     assert record(db).state == APPLIED
 
 
-def test_a_permanently_failing_item_fails_the_evolution_keeping_its_checkpoint_for_retry(db):
+@pytest.mark.parametrize('resumed_by', ['retry', 'restart'])
+def test_a_permanently_failing_item_fails_the_evolution_keeping_its_checkpoint_for_retry(
+        db, resumed_by):
+    """Failed, fixed, then resumed from the checkpoint: by ``retry`` (the process that failed
+    it runs it again), or by a restart (a new process retries a failure once)."""
     rows, culprit = 300, 137
     items = Items(db)
     items.create(rows)
@@ -388,18 +392,23 @@ def test_a_permanently_failing_item_fails_the_evolution_keeping_its_checkpoint_f
     assert {k for k, n in values.items() if n == 1} == set(range(1, checkpoint + 1))
     assert {k for k, n in values.items() if n == 0} == set(range(checkpoint + 1, rows + 1))
 
-    # Fixed, and retried: the process that failed resumes from the checkpoint.
     broken[0] = False
     del calls[:]
-    service = EvolveService({}, runner.settings, [evolution], db.make_backend())
-    (cleared,) = operations.retry(service, [EVOLUTION], operator='test')
-    assert cleared.state == FAILED
-    drive(runner, lambda: runner.step() == DONE, 'the retried evolution applied')
+    if resumed_by == 'retry':
+        service = EvolveService({}, runner.settings, [evolution], db.make_backend())
+        (cleared,) = operations.retry(service, [EVOLUTION], operator='test')
+        assert cleared.state == FAILED
+        retried = record(db)
+        assert retried.requested == 'retry' and 'test' in retried.requested_by
+    else:
+        runner = runner_for(db.make_backend(), evolution, 'restarted', lease=15.0)
+    drive(runner, lambda: runner.step() == DONE, f'the evolution applied after a {resumed_by}')
 
     assert calls[0] == checkpoint + 1
     assert items.counts() == {1: rows}
     done = record(db)
     assert (done.state, done.progress_done) == (APPLIED, rows)
+    assert done.requested is None  # the retry was honoured
 
 
 # --- what cannot be walked or stored: a recorded failure naming the evolution ------------------
