@@ -24,6 +24,10 @@ every ``process()`` call, committed or not.  Their optional keys:
     it happen in one process only.  The test decides when to SIGCONT it.
 
 Other items are procapp's scripted evolutions (``steps``).
+
+:func:`assert_resumed` judges the call logs of successive holders (here and in
+``tests/test_batches.py``): every row committed once, each killed holder's uncommitted batch
+redone once by its successor, and nothing else.
 """
 import os
 import signal
