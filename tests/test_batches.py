@@ -238,6 +238,29 @@ def test_holders_that_die_mid_walk_leave_every_item_changed_once_and_are_resumed
     assert (done.state, done.progress_done, done.attempts) == (APPLIED, rows, 3)
 
 
+def test_a_holder_stopping_finishes_its_batch_releases_the_lock_and_the_next_one_resumes(db):
+    """A process shutting down (``Runner.stop()``: SIGTERM, a deploy) stops at the next batch
+    boundary: its batch committed, the lock released at once, so that the next process goes
+    on from there without waiting for a lease to expire."""
+    rows = 400
+    items = Items(db)
+    items.create(rows)
+    first_calls, next_calls = [], []
+    stopping = db.make_backend()
+    runner = runner_for(stopping, Bump(items, first_calls), 'stopping', lease=15.0)
+    runner.evolutions[0].on = lambda key: key == 150 and runner.stopping.set()
+    runner.run(deadline=time.monotonic() + 60)
+
+    lock = db.make_backend(with_session=False).read_lock()
+    assert lock.owner is None and lock.released_by == 'stopping'
+    stopped = record(db)
+    assert stopped.state == 'running' and stopped.progress_done == len(first_calls) >= 150
+    following = runner_for(db.make_backend(), Bump(items, next_calls), 'following', lease=15.0)
+    assert following.run(deadline=time.monotonic() + 60) == 'ready'
+    assert items.counts() == {1: rows}
+    assert first_calls + next_calls == list(range(1, rows + 1))
+
+
 # --- the batch size -------------------------------------------------------------------------------
 
 @pytest.mark.slow  # about 5 s of work per database
