@@ -119,7 +119,10 @@ class Cluster:
     ``url`` is what the processes connect to; ``db_url`` is how the test reads the database
     (they differ when the processes go through a :class:`PortForwarder` or a pgbouncer).
     ``blueprint`` adds TurboGears settings to the application's (``sqlalchemy.connect_args``).
+    ``script`` is the program each process runs (a subclass may run another application).
     """
+
+    script = PROCAPP
 
     def __init__(self, url, workdir, evolutions, options=None, db_url=None, blueprint=None):
         self.url = url
@@ -157,7 +160,7 @@ class Cluster:
             name = f'{prefix}{len(self.processes) + 1}'
             with open(self.workdir / f'{name}.log', 'wb') as log:
                 popen = subprocess.Popen(
-                    [sys.executable, str(PROCAPP), json.dumps(self.job(name, go=go))],
+                    [sys.executable, str(self.script), json.dumps(self.job(name, go=go))],
                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                     env=child_environment(), cwd=self.workdir)
             process = AppProcess(self, name, popen)

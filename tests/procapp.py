@@ -231,6 +231,15 @@ class ScriptedEvolution(tgext.evolve.Evolution):
             time.sleep(HOLD_POLL)
 
 
+def scripted_evolutions(job, model):
+    return [ScriptedEvolution(item['id'], item['steps'], model, job['dir'])
+            for item in job['evolutions']]
+
+
+#: What builds the job's evolutions: ``tests/batch_workers.py`` puts its own here.
+make_evolutions = scripted_evolutions
+
+
 # --- the application -----------------------------------------------------------------------------
 
 def build_app(job, connections):
@@ -243,8 +252,7 @@ def build_app(job, connections):
             return f'served by {os.getpid()}'
 
     model = Model(connections)
-    evolutions = [ScriptedEvolution(item['id'], item['steps'], model, job['dir'])
-                  for item in job['evolutions']]
+    evolutions = make_evolutions(job, model)
     configurator = FullStackApplicationConfigurator()
     configurator.update_blueprint({
         'root_controller': RootController(), 'use_sqlalchemy': True, 'model': model,

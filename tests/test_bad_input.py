@@ -15,7 +15,7 @@ import pytest
 
 import tgext.evolve
 from tgapps import NoteEvolution, app_style, database_url, tg_apps  # noqa: F401 (fixtures)
-from tgext.evolve import ConfigurationError, Evolution
+from tgext.evolve import BatchEvolution, ConfigurationError, Evolution
 from tgext.evolve.records import APPLIED, MAX_ID_LENGTH
 from tgext.evolve.options import Settings
 
@@ -73,6 +73,42 @@ class NeedsArguments(Valid):
 class DependsOnAString(Valid):
     evolution_id = 'depends_on_a_string'
     depends_on = 'valid'
+
+
+class Backfill(BatchEvolution):
+    """A valid batched evolution: the bad ones below each change one thing."""
+    evolution_id = 'backfill'
+
+    def collection(self):
+        return []
+
+    def process(self, item):
+        pass
+
+
+def _batched(name, base=BatchEvolution, **attributes):
+    return type(name, (base,), {'evolution_id': name.lower(), **attributes})
+
+
+def _collection(self):
+    return []
+
+
+def _process(self, item):
+    pass
+
+
+def _batch(self, cursor, size):
+    return None
+
+
+BOTH_FORMS = _batched('BothForms', collection=_collection, process=_process, batch=_batch)
+NEITHER_FORM = _batched('NeitherForm', process=_process)
+NO_PROCESS = _batched('NoProcess', collection=_collection)
+PROCESS_AND_BULK = _batched('ProcessAndBulk', base=Backfill,
+                            process_batch=lambda self, items: None)
+BATCH_AND_PROCESS = _batched('BatchAndProcess', batch=_batch, process=_process)
+WITH_EVOLVE = _batched('WithEvolve', base=Backfill, evolve=lambda self: None)
 
 
 # --- the table ------------------------------------------------------------------------------------
@@ -139,6 +175,31 @@ BAD_INPUTS = {
                                                     'instance'),
     'depends-on-a-string': registration([Valid, DependsOnAString], 'depends_on',
                                         "'depends_on_a_string'"),
+    # batched evolutions
+    'batch-both-forms': registration([BOTH_FORMS], "'bothforms'", 'collection()', 'batch()'),
+    'batch-neither-form': registration([NEITHER_FORM], "'neitherform'", 'collection()',
+                                       'batch()'),
+    'batch-collection-without-process': registration([NO_PROCESS], "'noprocess'", 'process'),
+    'batch-process-and-process_batch': registration([PROCESS_AND_BULK], "'processandbulk'",
+                                                    'process()', 'process_batch()'),
+    'batch-batch-and-process': registration([BATCH_AND_PROCESS], "'batchandprocess'",
+                                            'batch()', 'process'),
+    'batch-with-evolve': registration([WITH_EVOLVE], "'withevolve'", 'evolve()'),
+    **{f'batch_size-{label}': registration([_batched('Sized', base=Backfill, batch_size=value)],
+                                          "'sized'", 'batch_size', repr(value))
+       for label, value in (('zero', 0), ('negative', -10), ('fraction', 2.5), ('text', '100'),
+                            ('boolean', True), ('none', None))},
+    'max_batch_size-zero': registration([_batched('Capped', base=Backfill, max_batch_size=0)],
+                                        "'capped'", 'max_batch_size', '0'),
+    **{f'background-{label}': registration(
+        [_batched('Backgrounded', base=Backfill, background=value)], "'backgrounded'",
+        'background', repr(value)) for label, value in (('text', 'yes'), ('one', 1),
+                                                         ('none', None))},
+    'background-of-a-plain-evolution': registration(
+        [_batched('PlainBackground', base=Valid, background='true')], "'plainbackground'",
+        'background', "'true'"),
+    'parallel-not-a-bool': registration([_batched('Parallel', base=Backfill, parallel='yes')],
+                                        "'parallel'", 'parallel', "'yes'"),
     # settings given to plugme / plug
     'option-lease-not-a-number': option('lease', 'abc'),
     'option-lease-zero': option('lease', 0),
@@ -155,6 +216,13 @@ BAD_INPUTS = {
     'option-enabled-not-a-boolean': option('enabled', 'perhaps'),
     'option-readonly-not-a-boolean': option('readonly', 'maybe'),
     'option-unknown': BadInput({'evolutions': [Valid], 'leese': 10}, ("'leese'", "'lease'")),
+    'option-batch_seconds-zero': option('batch_seconds', 0),
+    'option-batch_seconds-negative': option('batch_seconds', -1.0),
+    'option-batch_seconds-too-long': option('batch_seconds', 601),
+    'option-batch_seconds-not-a-number': option('batch_seconds', 'fast'),
+    'option-throttle-negative': option('throttle', -0.5),
+    'option-throttle-too-high': option('throttle', 101),
+    'option-throttle-infinite': option('throttle', float('inf')),
     # settings in the .ini
     'ini-lease-not-a-number': ini('lease', 'abc'),
     'ini-lease-zero': ini('lease', '0'),
@@ -168,6 +236,12 @@ BAD_INPUTS = {
     'ini-on_failure-unknown': ini('on_failure', 'maybe', 'block', 'serve'),
     'ini-enabled-not-a-boolean': ini('enabled', 'perhaps'),
     'ini-readonly-not-a-boolean': ini('readonly', 'maybe'),
+    'ini-batch_seconds-zero': ini('batch_seconds', '0'),
+    'ini-batch_seconds-too-long': ini('batch_seconds', '3600'),
+    'ini-batch_seconds-nan': ini('batch_seconds', 'nan'),
+    'ini-throttle-negative': ini('throttle', '-1'),
+    'ini-throttle-too-high': ini('throttle', '1000'),
+    'ini-throttle-not-a-number': ini('throttle', 'gentle'),
     'ini-unknown-key': BadInput({'evolutions': [Valid]}, ("'tgext.evolve.leese'", "'lease'"),
                                 ini={'tgext.evolve.leese': '10'}),
     'ini-evolutions-key': BadInput({'evolutions': [Valid]}, ("'tgext.evolve.evolutions'",),

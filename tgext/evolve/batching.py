@@ -236,7 +236,6 @@ class BatchedRun:
                 return LOST
             if self.stopping.is_set():
                 return STOPPED
-            saved = sizer.state()
             started = time.monotonic()
             work = _BatchWork(self, walker, cursor, sizer, since, rate)
             try:
@@ -252,7 +251,6 @@ class BatchedRun:
             except Exception as e:
                 if self.backend.is_transient(e) or self.backend.is_busy(e):
                     raise  # the database, not the batch: the runner retries, resuming here
-                sizer.restore(saved)
                 failures += 1
                 if failures > BATCH_RETRIES:
                     return self._fail(self._failure_text(cursor, sizer.size))
@@ -263,10 +261,14 @@ class BatchedRun:
             except BaseException as e:
                 return self._fail_on_base_exception(e)  # not retried: it was no accident
             self.heartbeat.note_renewed()  # the batch's fencing check renewed the lease
+            # The whole transaction, its flush and commit included: with ORM writes, sent at
+            # the flush, most of a batch's time can be spent after process() returned.
+            duration = time.monotonic() - started
+            sizer.observe(work.items, duration)
             failures = 0
             cursor, done, rate = work.cursor, record.progress_done or 0, record.rate
             self.done, self.batches = done, record.batches_done or 0
-            since = time.monotonic()
+            since = work.finished
             self._report(done, total, rate)
             if record.state == APPLIED:
                 log.info('applied %r: %d items in %d batches, %.0f ms', self.evolution_id,
@@ -278,7 +280,7 @@ class BatchedRun:
                 return STOPPED_PAUSED
             if self.throttle:
                 # Leaves the database to live traffic: the rate (and the ETA) include it.
-                self.stopping.wait(self.throttle * (since - started))
+                self.stopping.wait(self.throttle * duration)
 
     # --- what the runner sees ---------------------------------------------------------------
 
@@ -334,7 +336,6 @@ class _BatchWork:
         self.rate = rate
 
     def __call__(self):
-        started = time.monotonic()
         size = self.sizer.size
         evolution = self.run.evolution
         if self.walker is not None:
@@ -349,10 +350,12 @@ class _BatchWork:
                                                                      returned)
             items = 0 if exhausted else size
         self.cursor = cursor
-        now = time.monotonic()
-        next_size = self.sizer.observe(items, now - started)
-        return BatchCheckpoint(items, dump_cursor(cursor), exhausted, next_size,
-                               smoothed_rate(self.rate, items, now - self.since))
+        self.items = items
+        # From the previous batch's work to this one's: one whole cycle (the previous flush,
+        # commit and throttle sleep included), known before this batch commits.
+        self.finished = time.monotonic()
+        return BatchCheckpoint(items, dump_cursor(cursor), exhausted, self.sizer.size,
+                               smoothed_rate(self.rate, items, self.finished - self.since))
 
 
 def _resume_note(record):

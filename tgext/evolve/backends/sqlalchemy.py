@@ -296,7 +296,9 @@ class SQLAlchemyBackend(Backend):
 
     def break_lock(self, broken_by, name=DEFAULT_LOCK_NAME, generation=None):
         from .sql_schema import db_now, lock_table
-        with self.engine.begin() as conn:
+        # The write lock from the first statement: on SQLite a transaction that reads and then
+        # writes fails at once ("database is locked") while the holder writes a batch.
+        with self.engine.begin() as conn, self._impl.transaction_from_first_statement(conn):
             row = conn.execute(
                 sa.select(lock_table, db_now().label('now')).where(lock_table.c.name == name)
             ).first()
