@@ -35,7 +35,7 @@ def summary():
     kinds = list(dict.fromkeys(r['db'] for r in _harness.results))
     rows = {}
     for r in _harness.results:
-        target = f'<= {_harness.format_value(r["target"])} {r["unit"]}'.rstrip()
+        target = f'{r["relation"]} {_harness.format_value(r["target"])} {r["unit"]}'.rstrip()
         rows.setdefault(r['figure'], {'target': target})[r['db']] = _cell(r)
     header = ['figure', 'target', *kinds]
     return _harness.rst_grid([header] + [[figure, row['target'], *(row.get(k, '') for k in kinds)]
