@@ -234,6 +234,9 @@ class BatchedRun:
                             type(e).__name__, _short(str(e)), sizer.halve())
                 continue
             self.heartbeat.note_renewed()  # the batch's fencing check renewed the lease
+            # The whole transaction, its flush and commit included: that is what
+            # batch_seconds bounds (an ORM batch's UPDATEs are sent by the flush).
+            sizer.observe(work.items, time.monotonic() - started)
             failures = 0
             cursor, done, rate = work.cursor, record.progress_done or 0, record.rate
             since = time.monotonic()
@@ -291,9 +294,9 @@ class _BatchWork:
         self.sizer = sizer
         self.since = since
         self.rate = rate
+        self.items = 0
 
     def __call__(self):
-        started = time.monotonic()
         size = self.sizer.size
         evolution = self.run.evolution
         if self.walker is not None:
@@ -308,10 +311,11 @@ class _BatchWork:
                                                                      returned)
             items = 0 if exhausted else size
         self.cursor = cursor
-        now = time.monotonic()
-        next_size = self.sizer.observe(items, now - started)
-        return BatchCheckpoint(items, dump_cursor(cursor), exhausted, next_size,
-                               smoothed_rate(self.rate, items, now - self.since))
+        self.items = items
+        # The size to resume with is this batch's: the next one is chosen once this one has
+        # committed, on its whole duration.
+        return BatchCheckpoint(items, dump_cursor(cursor), exhausted, size,
+                               smoothed_rate(self.rate, items, time.monotonic() - self.since))
 
 
 def _resume_note(record):
