@@ -43,6 +43,7 @@ class BatchSizer:
 
     GROWTH = 1.5
     WINDOW = 8  # batches the model is fitted on
+    MIN_SPREAD = 0.15  # coefficient of variation of the sizes below which no line is fitted
 
     def __init__(self, size, target, ceiling=DEFAULT_MAX_BATCH_SIZE, floor=1):
         self.target = target
@@ -75,8 +76,11 @@ class BatchSizer:
         sy = sum(y for _, y in self.samples)
         sxx = sum(x * x for x, _ in self.samples)
         sxy = sum(x * y for x, y in self.samples)
-        spread = n * sxx - sx * sx
-        if spread > 1e-9 * sxx * n:
+        spread = n * sxx - sx * sx  # n^2 x the variance of the sizes
+        # Sizes that barely differ (a converged run) leave the slope to the noise of the
+        # durations: a noisy slope once grew a converged 0.5 s batch to 0.9 s.  Below this
+        # spread, the proportional model, averaged over the window, is the steadier one.
+        if spread > (self.MIN_SPREAD * sx) ** 2:
             per_item = (n * sxy - sx * sy) / spread
             fixed = (sy - per_item * sx) / n
             if per_item > 0 and fixed >= 0:
