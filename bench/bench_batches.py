@@ -89,7 +89,7 @@ def filled(kind, count):
         yield url, workdir
 
 
-# --- framework overhead, bulk form ----------------------------------------------------------------
+# --- framework overhead, bulk form -------------------------------------------------------------
 
 def run_overhead(kind, quick):
     runs = 3 if quick else RUNS
@@ -107,7 +107,7 @@ def run_overhead(kind, quick):
                                    f'{rows("overhead", quick)} rows, batches of {BATCH}')
 
 
-# --- memory ------------------------------------------------------------------------------------------
+# --- memory ------------------------------------------------------------------------------------
 
 def run_memory(kind, quick):
     small, large = rows('memory', quick)
@@ -126,7 +126,7 @@ def run_memory(kind, quick):
                     detail=f'{large} rows')
 
 
-# --- transaction length -------------------------------------------------------------------------------
+# --- transaction length ------------------------------------------------------------------------
 
 def run_transaction_length(kind, quick):
     with filled(kind, rows('batches', quick)) as (url, _):
@@ -146,7 +146,7 @@ def run_transaction_length(kind, quick):
     _harness.report('batches: txn p95 / target', kind, p95 / BATCH_SECONDS, 2, 'x')
 
 
-# --- clusters ------------------------------------------------------------------------------------------
+# --- clusters ----------------------------------------------------------------------------------
 
 def start(url, workdir, name, options, evolutions, **extra):
     job = dict(mode='member', url=url, dir=workdir, name=name, options=options,
