@@ -121,10 +121,19 @@ class PlanItem:
     reason: str
 
 
+#: The storage version with operators' requests (pause, resume, retry) and the audit trail.
+REQUESTS_VERSION = 3
+
+
+def _has_requests(service):
+    return service.backend.read_storage_version() >= REQUESTS_VERSION
+
+
 def _read(service):
     # Read-only verbs create nothing and upgrade nothing: on a new database they read an
-    # empty history and no lock.
-    return service.backend.read_history(), service.backend.read_lock()
+    # empty history and no lock.  The batch fields (checkpoints, requests) where they exist.
+    history = service.backend.read_history(batches=_has_requests(service))
+    return history, service.backend.read_lock()
 
 
 def _plan(service, history):

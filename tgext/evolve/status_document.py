@@ -33,9 +33,15 @@ def progress_document(done, total, rate=None, eta_seconds=None):
 
 
 def recorded_progress(record):
+    """The progress a history record holds; a running batched evolution's with its smoothed
+    rate and the ETA at that rate."""
     if record is None or record.progress_done is None:
         return None
-    return progress_document(record.progress_done, record.progress_total)
+    done, total, rate = record.progress_done, record.progress_total, record.rate
+    eta = None
+    if record.state == RUNNING and rate and total is not None:
+        eta = round(max(0.0, (total - done) / rate), 1)
+    return progress_document(done, total, None if rate is None else round(rate, 3), eta)
 
 
 def record_fields(record):
