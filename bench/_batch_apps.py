@@ -10,7 +10,8 @@ walk, and a ``mode``:
     (``tgext.evolve.operations.run``, what ``gearbox evolve run`` does) and a hand-written keyset
     loop with the same batch size committing each batch through the same ``DBSession``; ``form``
     ``item`` (``process()`` sets one column of each ORM object) or ``bulk`` (``process_batch()``
-    issues one UPDATE per batch).  Prints the wall time of every run.
+    issues one UPDATE per batch).  Prints the wall and CPU time (this process's, every thread)
+    of every run.
 ``memory``
     the application's idle RSS, then the peak RSS while a ``process()`` evolution walks every row.
 ``batches``
@@ -19,8 +20,9 @@ walk, and a ``mode``:
 ``member``
     a process of a cluster: the TurboGears app with a hello page and ``evolutions`` (a blocking
     one of ``seconds``, a batched one); asks for ``/`` every :data:`TICK` seconds and writes
-    ``<dir>/<name>.json`` once it answers 200 (``serve_report``), or, with ``measure_serving``,
-    measures the hello page's throughput while its background evolution runs and then idle.
+    ``<dir>/<name>.json`` once it answers 200; with ``measure_serving``, it then measures the
+    hello page's throughput idle (its background evolution held back), while the evolution
+    runs, and idle again once it is applied.
 
 Every process() call of a member is counted through a side channel outside the transaction: a
 line appended to ``<dir>/<name>.calls``.
@@ -28,6 +30,7 @@ line appended to ``<dir>/<name>.calls``.
 import json
 import os
 import sys
+import threading
 import time
 
 import sqlalchemy as sa
@@ -45,6 +48,10 @@ TICK = 0.01
 DEADLINE = 600.0
 BACKFILL_ID = 'bench_backfill'
 BLOCKING_ID = 'bench_blocking'
+
+#: A backfill's collection() waits for this: the serving figure measures the idle process first.
+BACKFILL_MAY_START = threading.Event()
+BACKFILL_MAY_START.set()
 
 DBSession = scoped_session(sessionmaker())
 zope.sqlalchemy.register(DBSession)
@@ -132,6 +139,7 @@ def make_evolutions(specs, calls):
             value = 1  # what the overhead runs set: changed before every run
 
             def collection(self):
+                BACKFILL_MAY_START.wait()
                 if bulk:
                     return sa.select(items.c.id)
                 return DBSession.query(Item)
@@ -238,25 +246,28 @@ def measure_overhead(job):
                 max_batch_size=job['batch_size'])
     evolution, = evolutions = make_evolutions([spec], _Calls(None))
     service = foreground_service(job, evolutions)
-    framework, hand = [], []
+    framework, hand, framework_cpu, hand_cpu = [], [], [], []
     for run in range(job['runs']):
         # Alternating, so that a slow spell of the shared machine hits both alike.
         forget_history(service)
         evolution.value = 2 * run + 1
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         result = operations.run(service)
         framework.append(time.perf_counter() - started)
+        framework_cpu.append(time.process_time() - cpu)
         if result.applied != (BACKFILL_ID,):
             raise SystemExit(f'the evolution did not apply: {result}')
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         hand_loop(job['batch_size'], 2 * run + 2, bulk)
         hand.append(time.perf_counter() - started)
+        hand_cpu.append(time.process_time() - cpu)
     with service.backend.engine.connect() as conn:
         wrong = conn.execute(sa.select(sa.func.count()).select_from(items)
                              .where(items.c.value != 2 * job['runs'])).scalar_one()
     if wrong:
         raise SystemExit(f'{wrong} rows were not updated by the last run')
-    return {'framework': framework, 'hand': hand}
+    return {'framework': framework, 'hand': hand, 'framework_cpu': framework_cpu,
+            'hand_cpu': hand_cpu}
 
 
 def _status_kb(field):
@@ -335,6 +346,8 @@ def run_member(job):
     name, workdir = job['name'], job['dir']
     calls = _Calls(os.path.join(workdir, f'{name}.calls'))
     evolutions = make_evolutions(job['evolutions'], calls)
+    if job.get('measure_serving'):
+        BACKFILL_MAY_START.clear()
     configurator = make_configurator(job['url'], job.get('options', {}), evolutions)
     app, service = _apps.make_app(configurator)
     environ = _apps._environ()
@@ -352,12 +365,16 @@ def run_member(job):
             break
         time.sleep(TICK)
     if job.get('measure_serving'):
+        # Idle before and after the backfill: the shared machine's load drifts.
         seconds = job['measure_serving']
         _serving(app, environ, 0.5)  # warm-up
+        report['idle_before'] = _serving(app, environ, seconds)
+        BACKFILL_MAY_START.set()
+        _serving(app, environ, 0.5)  # the backfill's first batches (its size still growing)
         report['loaded'] = _serving(app, environ, seconds, lambda: service.runner.alive)
         report['backfill_running_after'] = service.runner.alive
         polling_wait(lambda: not service.runner.alive, 'the background evolution to finish')
-        report['idle'] = _serving(app, environ, report['loaded']['seconds'])
+        report['idle_after'] = _serving(app, environ, seconds)
     _write_json(os.path.join(workdir, f'{name}.json'), report)
     if job.get('stay'):
         while True:
