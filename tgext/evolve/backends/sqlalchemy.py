@@ -458,19 +458,23 @@ class SQLAlchemyBackend(Backend):
     def run_batch(self, lease, evolution_id, work):
         def finish(conn, checkpoint):
             self._fence(conn, lease)
-            self._write_checkpoint(conn, lease, evolution_id, checkpoint)
-            return self._read_one(conn, evolution_id)
+            return self._write_checkpoint(conn, lease, evolution_id, checkpoint)
 
         return self._in_app_transaction(work, finish)
 
     def _write_checkpoint(self, conn, lease, evolution_id, checkpoint):
-        result = conn.execute(_checkpoint_statement(checkpoint.exhausted), dict(
+        """Write the checkpoint; the record as written.  Read back by the UPDATE's RETURNING
+        where the database has it (PostgreSQL, SQLite >= 3.35): one round trip less per batch."""
+        returning = conn.dialect.update_returning
+        result = conn.execute(_checkpoint_statement(checkpoint.exhausted, returning), dict(
             record_id=evolution_id, items=checkpoint.items, cursor=checkpoint.cursor,
             size=checkpoint.batch_size, batch_rate=checkpoint.rate, holder=lease.owner,
             holder_generation=lease.generation))
-        if result.rowcount != 1:
+        row = result.first() if returning else None
+        if (row is None) if returning else (result.rowcount != 1):
             raise LookupError(f'no history record for {evolution_id!r}: record_batches_running '
                               f'first')
+        return _history_record(row) if returning else self._read_one(conn, evolution_id)
 
     def record_paused(self, lease, evolution_id):
         with self.engine.begin() as conn:
@@ -506,7 +510,7 @@ def _read_one_statement():
 
 
 @functools.lru_cache(maxsize=None)
-def _checkpoint_statement(exhausted):
+def _checkpoint_statement(exhausted, returning):
     from .sql_schema import db_now, history_table as h
     now = db_now()
     pausing = h.c.requested == PAUSE
@@ -517,7 +521,7 @@ def _checkpoint_statement(exhausted):
         stops = pausing
     # In this order: MySQL evaluates SET assignments left to right, each seeing the ones
     # before it, and ``state`` must see the request before it is cleared.
-    return h.update().where(h.c.evolution_id == sa.bindparam('record_id')).ordered_values(
+    statement = h.update().where(h.c.evolution_id == sa.bindparam('record_id')).ordered_values(
         (h.c.state, state),
         (h.c.finished_at, sa.case((stops, now), else_=None)),
         (h.c.duration_ms, sa.case((stops, (now - h.c.started_at) * 1000.0), else_=None)),
@@ -532,3 +536,4 @@ def _checkpoint_statement(exhausted):
         (h.c.owner, sa.bindparam('holder', type_=h.c.owner.type)),
         (h.c.generation, sa.bindparam('holder_generation', type_=h.c.generation.type)),
     )
+    return statement.returning(*h.c) if returning else statement
