@@ -13,7 +13,8 @@ walk, and a ``mode``:
     issues one UPDATE per batch).  Prints the wall and CPU time (this process's, every thread)
     of every run.
 ``memory``
-    the application's idle RSS, then the peak RSS while a ``process()`` evolution walks every row.
+    the application's idle RSS, then the peak RSS while a ``process()`` evolution walks every row
+    in batches of ``batch_size``.
 ``batches``
     the duration of every batch transaction (the session's begin to its commit) of a run with
     ``batch_seconds`` set, each item costing ``item_cost`` seconds.
@@ -280,7 +281,9 @@ def _status_kb(field):
 
 def measure_memory(job):
     from tgext.evolve import operations
-    evolutions = make_evolutions([dict(kind='batch')], _Calls(None))
+    size = job['batch_size']
+    evolutions = make_evolutions([dict(kind='batch', batch_size=size, max_batch_size=size)],
+                                 _Calls(None))
     service = foreground_service(job, evolutions)
     # Idle: configured, connected, a query answered, as a serving process is.
     transaction.begin()
