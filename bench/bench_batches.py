@@ -181,8 +181,8 @@ def history_row(engine, evolution_id):
             return conn.execute(sa.text(
                 'SELECT state, progress_done FROM tgext_evolve_history WHERE evolution_id = :i'),
                 dict(i=evolution_id)).first()
-    except sa.exc.OperationalError:
-        return None  # SQLite: the table does not exist yet, or a writer holds the file
+    except (sa.exc.OperationalError, sa.exc.ProgrammingError):
+        return None  # the table does not exist yet; SQLite: or a writer holds the file
 
 
 def lock_owner_pid(engine):
