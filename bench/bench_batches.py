@@ -24,7 +24,7 @@ transaction length
     first one of at least half the target, the size growing from ``batch_size``).
 crash cost
     a leader and a waiter (lease :data:`LEASE` s, poll_interval :data:`POLL` s); the leader is
-    SIGKILLed once half the rows are committed.  Rows whose ``n += 1`` was applied twice (or
+    SIGKILLed at a random moment of the batch after half the rows are committed.  Rows whose ``n += 1`` was applied twice (or
     never) in the final state; time lost: from the kill to the waiter's first committed batch.
 503 window
     a leader and a waiter started together, a 0.2 s blocking evolution and a background
@@ -42,6 +42,7 @@ figure's ratio then says little).
 import contextlib
 import json
 import os
+import random
 import signal
 import statistics
 import subprocess
@@ -219,6 +220,9 @@ def run_crash(kind, quick):
                 return row is not None and (row.progress_done or 0) >= count / 2
 
             _harness.wait_until(half_done, 'half the rows committed', processes=processes)
+            # Anywhere in the batch after the one that crossed half-way, not just after a
+            # commit: the killed batch's process() calls are then (mostly) under way.
+            time.sleep(random.uniform(0, BATCH_SECONDS))
             victim_pid = lock_owner_pid(engine)
             victim = next(p for p in processes if p.pid == victim_pid)
             killed_at = time.monotonic()
