@@ -21,7 +21,7 @@ registered with zope.sqlalchemy), built from the job:
     ``write`` adds one row ``(evolution_id, pid)`` to :data:`SIDE_EFFECTS` through
     ``DBSession`` and flushes it, so that exactly-once can be counted; ``hold`` waits until the
     file ``release-<id>`` exists (the test decides how long the evolution runs); ``raise``
-    raises ``RuntimeError``.
+    raises ``RuntimeError``.  ``"background": true`` makes it a background evolution.
 ``options``
     ``plugme`` options (``lease``, ``poll_interval``, ``on_failure``...).
 ``blueprint``
@@ -232,8 +232,11 @@ class ScriptedEvolution(tgext.evolve.Evolution):
 
 
 def scripted_evolutions(job, model):
-    return [ScriptedEvolution(item['id'], item['steps'], model, job['dir'])
-            for item in job['evolutions']]
+    evolutions = [ScriptedEvolution(item['id'], item['steps'], model, job['dir'])
+                  for item in job['evolutions']]
+    for evolution, item in zip(evolutions, job['evolutions']):
+        evolution.background = item.get('background', False)
+    return evolutions
 
 
 #: What builds the job's evolutions: ``tests/batch_workers.py`` puts its own here.

@@ -44,6 +44,7 @@ class BatchSizer:
 
     GROWTH = 1.5
     WINDOW = 8  # batches the model is fitted on
+    MIN_SPREAD = 0.15  # coefficient of variation of the sizes below which no line is fitted
 
     def __init__(self, size, target, ceiling=DEFAULT_MAX_BATCH_SIZE, floor=1):
         self.target = target
@@ -76,8 +77,11 @@ class BatchSizer:
         sy = sum(y for _, y in self.samples)
         sxx = sum(x * x for x, _ in self.samples)
         sxy = sum(x * y for x, y in self.samples)
-        spread = n * sxx - sx * sx
-        if spread > 1e-9 * sxx * n:
+        spread = n * sxx - sx * sx  # n^2 x the variance of the sizes
+        # Sizes that barely differ (a converged run) leave the slope to the noise of the
+        # durations: a noisy slope once grew a converged 0.5 s batch to 0.9 s.  Below this
+        # spread, the proportional model, averaged over the window, is the steadier one.
+        if spread > (self.MIN_SPREAD * sx) ** 2:
             per_item = (n * sxy - sx * sy) / spread
             fixed = (sy - per_item * sx) / n
             if per_item > 0 and fixed >= 0:
@@ -334,6 +338,7 @@ class _BatchWork:
         self.sizer = sizer
         self.since = since
         self.rate = rate
+        self.items = 0
 
     def __call__(self):
         size = self.sizer.size
@@ -352,9 +357,10 @@ class _BatchWork:
         self.cursor = cursor
         self.items = items
         # From the previous batch's work to this one's: one whole cycle (the previous flush,
-        # commit and throttle sleep included), known before this batch commits.
+        # commit and throttle sleep included), known before this batch commits.  The size to
+        # resume with is this batch's: the next one is chosen once this one has committed.
         self.finished = time.monotonic()
-        return BatchCheckpoint(items, dump_cursor(cursor), exhausted, self.sizer.size,
+        return BatchCheckpoint(items, dump_cursor(cursor), exhausted, size,
                                smoothed_rate(self.rate, items, self.finished - self.since))
 
 

@@ -103,6 +103,7 @@ class Runner:
         self._unrecorded = {}  # id: attempt of a failure the database refused to record
         self._evolution_busy_since = {}  # id: when its runs began failing busy
         self._waiting = False
+        self._waited_generation = None  # of the lock another process held when we began waiting
         self._last_note = None
         self._busy_since = None
 
@@ -178,9 +179,12 @@ class Runner:
         self.paused = None
         if self._waiting:
             # While another process holds a live lease, one indexed read per poll is enough.
+            # A new generation of a held lock is news while the gate is closed: the holder
+            # takes it again once the blocking evolutions are applied (see _run_locked).
             lock = self.backend.read_lock(self.lock_name)
             self._database_answered()
-            if lock is not None and lock.held and lock.owner != self.owner:
+            if (lock is not None and lock.held and lock.owner != self.owner
+                    and (self.state.open or lock.generation == self._waited_generation)):
                 self._set_waiting(lock)
                 return WAIT
             self._waiting = False
@@ -197,7 +201,9 @@ class Runner:
         lease = self.backend.acquire(self.owner, self.settings.lease, self.lock_name)
         if lease is None:
             self._waiting = True
-            self._set_waiting(self.backend.read_lock(self.lock_name))
+            lock = self.backend.read_lock(self.lock_name)
+            self._waited_generation = lock.generation if lock is not None else None
+            self._set_waiting(lock)
             return WAIT
         self._note(('lock', lease.generation), logging.INFO,
                    'lock acquired (generation %d) by %s: %d evolution(s) pending',
@@ -398,6 +404,10 @@ class Runner:
                 left = [s for s in steps if s.evolution_id not in self.applied]
                 if not blocking and left and not self.state.open:
                     self._open_for_background(left)
+                    # Let go of the lock and take it again (AGAIN): the new generation tells
+                    # the processes waiting on 503 to look at the history at their next poll
+                    # and serve too, instead of when the background evolutions are done.
+                    break
         finally:
             heartbeat.stop()
             if not heartbeat.lost.is_set():

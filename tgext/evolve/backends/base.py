@@ -326,5 +326,5 @@ class BatchCheckpoint(NamedTuple):
     items: int  # items this batch processed
     cursor: Optional[str]  # JSON text of the cursor after this batch (None: the start)
     exhausted: bool  # nothing left: the evolution is applied with this batch
-    batch_size: int  # the size the next batch takes
+    batch_size: int  # this batch's size: where a resumed run's sizing starts
     rate: Optional[float]  # items per second, for the ETA (None: not measured yet)

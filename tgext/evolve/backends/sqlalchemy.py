@@ -268,13 +268,9 @@ class SQLAlchemyBackend(Backend):
 
         One statement: it runs every lease/3, and before every history write.
         """
-        from .sql_schema import db_now, lock_table
-        now = db_now()
-        result = conn.execute(
-            lock_table.update()
-            .where(lock_table.c.name == lease.name, lock_table.c.owner == lease.owner,
-                   lock_table.c.generation == lease.generation)
-            .values(renewed_at=now, expires_at=now + lease.lease_seconds))
+        result = conn.execute(_fence_statement(), dict(
+            lock_name=lease.name, lock_owner=lease.owner, lock_generation=lease.generation,
+            lease_seconds=lease.lease_seconds))
         if result.rowcount != 1:
             raise LeaseLost(f'lock {lease.name!r} is no longer held by {lease.owner} '
                             f'(generation {lease.generation})')
@@ -327,9 +323,7 @@ class SQLAlchemyBackend(Backend):
                 evolution_id=evolution_id, **{**values, **(on_insert or {})}))
 
     def _read_one(self, conn, evolution_id):
-        from .sql_schema import history_table
-        row = conn.execute(sa.select(history_table)
-                           .where(history_table.c.evolution_id == evolution_id)).one()
+        row = conn.execute(_read_one_statement(), dict(record_id=evolution_id)).one()
         return _history_record(row)
 
     def record_running(self, lease, evolution_id, fingerprint=None):
@@ -515,40 +509,24 @@ class SQLAlchemyBackend(Backend):
     def run_batch(self, lease, evolution_id, work):
         def finish(conn, checkpoint):
             self._fence(conn, lease)
-            self._write_checkpoint(conn, lease, evolution_id, checkpoint)
-            return self._read_one(conn, evolution_id)
+            return self._write_checkpoint(conn, lease, evolution_id, checkpoint)
 
         return self._in_app_transaction(
             work, finish, f'a batch of {evolution_id!r} (process(), process_batch(), batch())')
 
     def _write_checkpoint(self, conn, lease, evolution_id, checkpoint):
-        from .sql_schema import db_now, history_table as h
-        now = db_now()
-        pausing = h.c.requested == PAUSE
-        if checkpoint.exhausted:
-            state, stops = sa.literal(APPLIED), sa.true()
-        else:
-            state = sa.case((pausing, sa.literal(PAUSED)), else_=h.c.state)
-            stops = pausing
-        # In this order: MySQL evaluates SET assignments left to right, each seeing the ones
-        # before it, and ``state`` must see the request before it is cleared.
-        result = conn.execute(h.update().where(h.c.evolution_id == evolution_id).ordered_values(
-            (h.c.state, state),
-            (h.c.finished_at, sa.case((stops, now), else_=None)),
-            (h.c.duration_ms, sa.case((stops, (now - h.c.started_at) * 1000.0), else_=None)),
-            (h.c.progress_done, sa.func.coalesce(h.c.progress_done, 0) + checkpoint.items),
-            (h.c.progress_at, now),
-            (h.c.checkpoint, checkpoint.cursor),
-            (h.c.batches_done, sa.func.coalesce(h.c.batches_done, 0) + 1),
-            (h.c.batch_size, checkpoint.batch_size),
-            (h.c.rate, checkpoint.rate),
-            (h.c.requested, sa.case((pausing, None), else_=h.c.requested)),
-            (h.c.owner, lease.owner),
-            (h.c.generation, lease.generation),
-        ))
-        if result.rowcount != 1:
+        """Write the checkpoint; the record as written.  Read back by the UPDATE's RETURNING
+        where the database has it (PostgreSQL, SQLite >= 3.35): one round trip less per batch."""
+        returning = conn.dialect.update_returning
+        result = conn.execute(_checkpoint_statement(checkpoint.exhausted, returning), dict(
+            record_id=evolution_id, items=checkpoint.items, cursor=checkpoint.cursor,
+            size=checkpoint.batch_size, batch_rate=checkpoint.rate, holder=lease.owner,
+            holder_generation=lease.generation))
+        row = result.first() if returning else None
+        if (row is None) if returning else (result.rowcount != 1):
             raise LookupError(f'no history record for {evolution_id!r}: record_batches_running '
                               f'first')
+        return _history_record(row) if returning else self._read_one(conn, evolution_id)
 
     def record_paused(self, lease, evolution_id):
         with self.engine.begin() as conn:
@@ -602,3 +580,56 @@ class SQLAlchemyBackend(Backend):
         return [AuditEntry(id=row.id, evolution_id=row.evolution_id, at=_float(row.at),
                            action=row.action, actor=row.actor, host=row.host, detail=row.detail,
                            error=row.error) for row in rows]
+
+
+# --- statements of every batch, built once ----------------------------------------------------
+# A batch of a bulk evolution can take a few milliseconds; building these statements (and
+# looking up their compiled form by structure) took about as long again.  Their values are
+# bound parameters; the names differ from the columns', which SQLAlchemy reserves.
+
+@functools.lru_cache(maxsize=None)
+def _fence_statement():
+    from .sql_schema import db_now, lock_table as lock
+    now = db_now()
+    return (lock.update()
+            .where(lock.c.name == sa.bindparam('lock_name'),
+                   lock.c.owner == sa.bindparam('lock_owner'),
+                   lock.c.generation == sa.bindparam('lock_generation'))
+            .values(renewed_at=now,
+                    expires_at=now + sa.bindparam('lease_seconds', type_=now.type)))
+
+
+@functools.lru_cache(maxsize=None)
+def _read_one_statement():
+    from .sql_schema import history_table as h
+    return sa.select(h).where(h.c.evolution_id == sa.bindparam('record_id'))
+
+
+@functools.lru_cache(maxsize=None)
+def _checkpoint_statement(exhausted, returning):
+    from .sql_schema import db_now, history_table as h
+    now = db_now()
+    pausing = h.c.requested == PAUSE
+    if exhausted:
+        state, stops = sa.literal(APPLIED), sa.true()
+    else:
+        state = sa.case((pausing, sa.literal(PAUSED)), else_=h.c.state)
+        stops = pausing
+    # In this order: MySQL evaluates SET assignments left to right, each seeing the ones
+    # before it, and ``state`` must see the request before it is cleared.
+    statement = h.update().where(h.c.evolution_id == sa.bindparam('record_id')).ordered_values(
+        (h.c.state, state),
+        (h.c.finished_at, sa.case((stops, now), else_=None)),
+        (h.c.duration_ms, sa.case((stops, (now - h.c.started_at) * 1000.0), else_=None)),
+        (h.c.progress_done, sa.func.coalesce(h.c.progress_done, 0)
+         + sa.bindparam('items', type_=h.c.progress_done.type)),
+        (h.c.progress_at, now),
+        (h.c.checkpoint, sa.bindparam('cursor', type_=h.c.checkpoint.type)),
+        (h.c.batches_done, sa.func.coalesce(h.c.batches_done, 0) + 1),
+        (h.c.batch_size, sa.bindparam('size', type_=h.c.batch_size.type)),
+        (h.c.rate, sa.bindparam('batch_rate', type_=h.c.rate.type)),
+        (h.c.requested, sa.case((pausing, None), else_=h.c.requested)),
+        (h.c.owner, sa.bindparam('holder', type_=h.c.owner.type)),
+        (h.c.generation, sa.bindparam('holder_generation', type_=h.c.generation.type)),
+    )
+    return statement.returning(*h.c) if returning else statement
