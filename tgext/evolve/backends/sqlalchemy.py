@@ -23,6 +23,7 @@ from ..records import (APPLIED, DEFAULT_LOCK_NAME, DONE_STATES, FAILED, HISTORY_
                        HISTORY_V1_FIELDS, PAUSE, PAUSED, RUNNING, HistoryRecord, Lease,
                        LegacyState, LockRecord, require_done_state)
 from .base import HISTORY_TABLE, LEGACY_TABLE, LOCK_TABLE, Backend
+from .sql_ranges import SQLRanges
 from .sql_unprepared import unprepared, unprepared_engine
 
 log = logs.backend
@@ -67,7 +68,7 @@ def _history_record(row):
     return HistoryRecord(**fields)
 
 
-class SQLAlchemyBackend(Backend):
+class SQLAlchemyBackend(SQLRanges, Backend):
     """Lock and history in two tables of the application's database.
 
     ``engine`` is the application's engine (the master in a master/replica set-up): every
