@@ -100,9 +100,12 @@ class MingRanges:
         with self._guard():
             self._claim_write(claim, {'$set': {'expires_at': time.time() + claim.lease_seconds}})
         try:
-            checkpoint = work()
-            if self.session is not None:
-                self._flush_session()
+            # Under the guard: claimers of one process (threads) on MIM would otherwise flush
+            # into it at the same time (on MongoDB the guard is a no-op).
+            with self._guard():
+                checkpoint = work()
+                if self.session is not None:
+                    self._flush_session()
         finally:
             if self.session is not None:
                 self._clear_session()
