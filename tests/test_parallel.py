@@ -64,6 +64,10 @@ class Workers:
     def record(self):
         return self.backend.read_history(batches=True).get(parallel_worker.EVOLUTION_ID)
 
+    def state(self):
+        record = self.record()
+        return record and record.state
+
     def done_by(self, name):
         owner = self.owner(name)
         return [r for r in self.ranges() if r.state == RANGE_DONE and r.owner == owner]
@@ -139,7 +143,7 @@ def test_processes_share_the_ranges_and_survive_a_killed_and_a_stopped_claimer(
     assert stopped_claims, 'the stopped process holds no claim'
     stopped_range = stopped_claims[0].range_no
     # Everything finishes without the two of them, past the stopped one's lease.
-    wait_until(lambda: (workers.record() or parallel_worker).state == APPLIED,
+    wait_until(lambda: workers.state() == APPLIED,
                'the evolution applied by the others', timeout=DEADLINE)
     assert_every_row_changed_once(workers)
     ranges = {r.range_no: r for r in workers.ranges()}
@@ -190,7 +194,7 @@ def test_a_failing_range_fails_the_evolution_keeping_the_other_ranges_work(reque
     rows = 2000
     workers = workers_on(url, rows=rows, fail_ids=[777], batch_size=50)
     workers.start('a', 'b')
-    wait_until(lambda: (workers.record() or parallel_worker).state == FAILED,
+    wait_until(lambda: workers.state() == FAILED,
                'the evolution recorded failed', timeout=DEADLINE)
     record = workers.backend.read_history()[parallel_worker.EVOLUTION_ID]
     assert 'item 777 cannot be processed' in record.error
@@ -198,11 +202,18 @@ def test_a_failing_range_fails_the_evolution_keeping_the_other_ranges_work(reque
     ranges = workers.ranges()
     failed = [r for r in ranges if r.state != RANGE_DONE]
     assert len(failed) == 1 and failed[0].state == 'failed'
-    counts = parallel_worker.item_counts(workers.engine)
-    # Everything but the failed range's rows after its checkpoint is done, once.
-    assert set(counts) <= {0, 1} and counts[0] < rows / len(ranges) + 1
-    logged = workers.log('a') + workers.log('b')
-    assert logged.count('retrying with') == 3  # halved three times, then failed
+    # Every row is done once, but those of the failed range after its checkpoint: its batches
+    # were halved down to the failing item, each smaller batch before it committed.
+    assert 'failed 4 times' in record.error
+    after, upto = json.loads(failed[0].checkpoint), json.loads(failed[0].upto_key)
+    assert after < 777 <= upto
+    items = parallel_worker.ITEMS
+    with workers.engine.connect() as conn:
+        left = conn.execute(sa.select(items.c.id).where(items.c.n == 0)
+                            .order_by(items.c.id)).scalars().all()
+        assert conn.execute(sa.select(sa.func.count()).where(items.c.n > 1)).scalar() == 0
+    assert left == list(range(after + 1, upto + 1))
+    assert 777 - after < 50  # halved below the batch size, up to the failing item
     for name in ('a', 'b'):
         workers.procs[name].kill()
         workers.procs[name].wait()
@@ -218,6 +229,30 @@ def test_a_failing_range_fails_the_evolution_keeping_the_other_ranges_work(reque
     assert_every_row_changed_once(workers, rows)
     done_by_c = workers.done_by('c')
     assert [r.range_no for r in done_by_c] == [failed[0].range_no]
+
+
+@pytest.mark.slow
+def test_max_workers_caps_the_processes_working_at_once(request, workers_on):
+    workers = workers_on(sql_url(request, 'postgresql'), rows=6000, iterations=300,
+                         max_workers=2)
+    names = ['a', 'b', 'c', 'd']
+    workers.start(*names)
+    working = set()
+
+    def finished():
+        owners = {r.owner for r in workers.ranges() if r.claimed}
+        assert len(owners) <= 2, f'{len(owners)} processes working at once: {owners}'
+        working.update(owners)
+        return workers.state() == APPLIED
+
+    wait_until(finished, 'the evolution applied', timeout=DEADLINE, interval=0.05)
+    for name in names:
+        assert workers.wait_exit(name) == 0, workers.log(name)
+    assert_every_row_changed_once(workers, 6000)
+    assert len(working) >= 2
+    slots = [n for n in (workers.backend.read_lock(f'{parallel_worker.EVOLUTION_ID}#slot{i}')
+                         for i in range(3)) if n is not None]
+    assert len(slots) == 2 and all(not lock.held for lock in slots)  # released when done
 
 
 # --- in one process: MIM, and the start-up check --------------------------------------------
