@@ -362,3 +362,55 @@ def test_a_composite_key_is_refused_before_any_work(sqlite_database_url):
     assert runner.state.phase == MISCONFIGURED
     assert SQLAlchemyBackend(engine).read_history() == {}
     assert SQLAlchemyBackend(engine).read_lock() is None
+
+
+def test_status_shows_the_ranges_and_who_works_on_which(db):
+    import types
+    from tgext.evolve import BatchEvolution, Evolution
+    from tgext.evolve import operations
+    from tgext.evolve.backends.base import BatchCheckpoint
+    from tgext.evolve.commands import _ranges_text
+    from tgext.evolve.status_document import status_document
+
+    class Backfill(BatchEvolution):
+        evolution_id = 'backfill'
+        parallel = True
+
+        def collection(self):
+            raise AssertionError('status never walks')
+
+        def process(self, item):
+            pass
+
+    class Plain(Evolution):
+        evolution_id = 'plain'
+
+        def evolve(self):
+            pass
+
+    backend = db.make_backend()
+    backend.ensure_storage()
+    service = types.SimpleNamespace(backend=backend, evolutions=[Plain(), Backfill()],
+                                    config={})
+    before = {e['id']: e['ranges'] for e in status_document(operations.status(service))[
+        'evolutions']}
+    assert before == {'plain': None, 'backfill': {'total': 0, 'done': 0, 'failed': 0,
+                                                  'pending': 0, 'working': []}}
+    lease = backend.acquire('web1:1:a', 60)
+    backend.record_batches_running(lease, 'backfill', 10, 30)
+    backend.prepare_ranges(lease, 'backfill', [(None, '1'), ('1', '2'), ('2', None)])
+    finished = backend.claim_range('backfill', 'web2:2:b', 60)
+    backend.run_range_batch(finished, lambda: BatchCheckpoint(0, None, True, 10, None))
+    working = backend.claim_range('backfill', 'web3:3:c', 60)
+    backend.run_range_batch(working, lambda: BatchCheckpoint(4, '1', False, 10, None))
+    status = operations.status(service)
+    ranges = {e['id']: e['ranges'] for e in status_document(status)['evolutions']}
+    assert ranges['plain'] is None
+    shown = ranges['backfill']
+    assert {k: shown[k] for k in ('total', 'done', 'failed', 'pending')} == {
+        'total': 3, 'done': 1, 'failed': 0, 'pending': 1}
+    assert [(w['range'], w['owner'], w['items_done']) for w in shown['working']] == [
+        (working.range_no, 'web3:3:c', 4)]
+    assert 0 < shown['working'][0]['expires_in'] <= 60
+    assert _ranges_text(status.ranges['backfill']) == (
+        f'ranges: 1/3 done; working: web3:3:c (range {working.range_no}, 4 items)')
