@@ -23,6 +23,9 @@ The job:
     ids whose ``process()`` raises: a failing range.
 ``deadline``
     seconds before the process gives up.
+``go``
+    optional file name: the process writes ``<name>.ready`` once everything is imported and
+    built, then waits until ``go`` exists before it runs, so that many processes start at once.
 
 Files it writes in ``dir``: ``<name>.owner`` (its runner's owner, at start), ``<name>.json``
 (at the end: owner, phase, ranges it finished, applied ids), its log in ``<name>.log``
@@ -31,6 +34,7 @@ with SIGSTOP at the start of its next batch, inside the batch's transaction, as 
 paused by the OS or a debugger would be.
 """
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -43,6 +47,7 @@ import sqlalchemy as sa
 import zope.sqlalchemy
 from sqlalchemy import orm
 
+from polling import wait_until
 from tgext.evolve import BatchEvolution
 from tgext.evolve.backends.sqlalchemy import SQLAlchemyBackend
 from tgext.evolve.options import Settings
@@ -131,6 +136,14 @@ def main(argv):
     (workdir / f'{name}.owner').write_text(owner)
     runner = Runner(backend, [make_backfill(session, name, job, workdir)], settings,
                     owner=owner)
+    if job.get('go'):
+        # What a long-lived process has loaded by the time a parallel evolution comes: the
+        # processes started together must not spend their first seconds importing.
+        for module in ('backends.sql_schema', 'backends.sql_walker', 'heartbeat', 'parallel'):
+            importlib.import_module(f'tgext.evolve.{module}')
+        (workdir / f'{name}.ready').write_text('')
+        wait_until(lambda: (workdir / job['go']).exists(), 'the go file', timeout=600,
+                   interval=0.01)
     started = time.monotonic()
     phase = runner.run(deadline=time.monotonic() + job.get('deadline', 60))
     runner.stop(timeout=30)
