@@ -207,15 +207,16 @@ def finish_evolution(workdir):
 
 # --- results -----------------------------------------------------------------------------------
 
-def report(figure, kind, value, target, unit='', spread=None, detail=''):
-    """Print and record one figure: PASS when ``value <= target``."""
-    passed = value <= target
+def report(figure, kind, value, target, unit='', spread=None, detail='', at_least=False):
+    """Print and record one figure: PASS when ``value <= target`` (``at_least``: when
+    ``value >= target``, for speed-ups)."""
+    passed = value >= target if at_least else value <= target
     runs = f'  (runs: {", ".join(format_value(v) for v in spread)})' if spread else ''
     print(f'{figure:<34} {kind:<10} {format_value(value):>9}{unit:<3} '
-          f'target <= {format_value(target)}{unit:<3} {"PASS" if passed else "FAIL"}{runs}'
-          f'{"  " + detail if detail else ""}', flush=True)
+          f'target {">=" if at_least else "<="} {format_value(target)}{unit:<3} '
+          f'{"PASS" if passed else "FAIL"}{runs}{"  " + detail if detail else ""}', flush=True)
     results.append(dict(figure=figure, db=kind, value=value, target=target, unit=unit.strip(),
-                        passed=passed, spread=spread, detail=detail))
+                        passed=passed, spread=spread, detail=detail, at_least=at_least))
     return passed
 
 

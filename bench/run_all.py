@@ -12,6 +12,7 @@ import sys
 
 import _harness
 import bench_cluster
+import bench_parallel
 import bench_requests
 import bench_startup
 import bench_takeover
@@ -35,7 +36,8 @@ def summary():
     kinds = list(dict.fromkeys(r['db'] for r in _harness.results))
     rows = {}
     for r in _harness.results:
-        target = f'<= {_harness.format_value(r["target"])} {r["unit"]}'.rstrip()
+        bound = '>=' if r.get('at_least') else '<='
+        target = f'{bound} {_harness.format_value(r["target"])} {r["unit"]}'.rstrip()
         rows.setdefault(r['figure'], {'target': target})[r['db']] = _cell(r)
     header = ['figure', 'target', *kinds]
     return _harness.rst_grid([header] + [[figure, row['target'], *(row.get(k, '') for k in kinds)]
@@ -55,6 +57,7 @@ def main(argv=None):
         bench_startup.run(kind, args.rounds)
         bench_takeover.run(kind, args.runs)
         bench_cluster.run(kind, args.runs)
+        bench_parallel.run(kind, args.runs)
     print()
     print(summary())
     return 0 if all(r['passed'] for r in _harness.results) else 1
