@@ -414,3 +414,44 @@ def test_status_shows_the_ranges_and_who_works_on_which(db):
     assert 0 < shown['working'][0]['expires_in'] <= 60
     assert _ranges_text(status.ranges['backfill']) == (
         f'ranges: 1/3 done; working: web3:3:c (range {working.range_no}, 4 items)')
+
+
+def test_a_process_shutting_down_gives_its_range_back_at_a_batch_boundary(
+        sqlite_database_url, tmp_path):
+    from conftest import empty_sql_database
+    from sqlalchemy import orm
+    import zope.sqlalchemy
+    from tgext.evolve.options import Settings
+    from tgext.evolve.records import RANGE_PENDING
+    from tgext.evolve.runner import Runner
+
+    empty_sql_database(sqlite_database_url)
+    engine = sa.create_engine(sqlite_database_url)
+    parallel_worker.create_items(engine, 1000)
+    session = orm.scoped_session(orm.sessionmaker(bind=engine))
+    zope.sqlalchemy.register(session)
+
+    def runner(owner):
+        evolution = parallel_worker.make_backfill(session, owner, {'iterations': 500,
+                                                                   'batch_size': 25}, tmp_path)
+        return Runner(SQLAlchemyBackend(engine, session=session), [evolution],
+                      Settings(lease=30, poll_interval=0.1, batch_seconds=0.1), owner=owner)
+
+    reader = SQLAlchemyBackend(engine)
+    leaving = runner('leaving')
+    leaving.start()
+    working = wait_until(lambda: [r for r in reader.read_ranges(parallel_worker.EVOLUTION_ID)
+                                  if r.owner == 'leaving' and r.claimed and r.items_done],
+                         'a range half done')[0]
+    leaving.stop(timeout=30)
+    assert not leaving.alive and not leaving._claimer.alive
+    given_back = reader.read_ranges(parallel_worker.EVOLUTION_ID)[working.range_no]
+    assert (given_back.state, given_back.owner) == (RANGE_PENDING, None)
+    assert given_back.items_done >= working.items_done and given_back.checkpoint is not None
+    # Nobody waits for its lease: the next process resumes the range from its checkpoint.
+    finishing = runner('finishing')
+    assert finishing.run(deadline=None) == 'ready'
+    assert parallel_worker.item_counts(engine) == {1: 1000}
+    resumed = reader.read_ranges(parallel_worker.EVOLUTION_ID)[working.range_no]
+    assert resumed.owner == 'finishing'
+    assert sum(r.items_done for r in reader.read_ranges(parallel_worker.EVOLUTION_ID)) == 1000
