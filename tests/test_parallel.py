@@ -257,6 +257,7 @@ def test_max_workers_caps_the_processes_working_at_once(request, workers_on):
 
 # --- in one process: MIM, and the start-up check --------------------------------------------
 
+@pytest.mark.slow  # MIM scans every document at each batch: seconds, not milliseconds
 def test_mim_runners_of_distinct_owners_share_the_ranges(mim_database_url):
     from conftest import empty_mongo_database
     import ming

@@ -128,7 +128,15 @@ class ParallelRun(BatchedRun):
                 return LOST
             if self.stopping.is_set():
                 return STOPPED
-            ranges = self.backend.read_ranges(self.evolution_id)
+            try:
+                ranges = self.backend.read_ranges(self.evolution_id)
+            except Exception as e:
+                if not self.backend.is_busy(e):
+                    raise
+                # SQLite's one writer is busy with the claimers' batches: look again later,
+                # instead of giving the lock up and starting another attempt.
+                self.stopping.wait(min(WATCH_INTERVAL, self.settings.poll_interval))
+                continue
             done = sum(r.items_done for r in ranges)
             batches = sum(r.batches_done for r in ranges)
             now = time.monotonic()
@@ -160,6 +168,9 @@ class ParallelRun(BatchedRun):
             except LeaseLost:
                 self.heartbeat.lost.set()
                 return LOST
+            except Exception as e:
+                if not self.backend.is_busy(e):
+                    raise
             self.stopping.wait(min(WATCH_INTERVAL, self.settings.poll_interval))
 
     def _pause_requested(self):
@@ -232,8 +243,11 @@ class RangeClaimer:
             except Exception as e:
                 # The database went away (or SQLite stayed busy): claims expire by themselves,
                 # and the next round claims again.
-                self._note(('trouble', type(e).__name__), 'parallel work paused: %s: %s',
-                           type(e).__name__, _short(str(e)))
+                if self.backend.is_busy(e):
+                    log.debug('parallel work: database busy (%s), claiming again later', e)
+                else:
+                    self._note(('trouble', type(e).__name__), 'parallel work paused: %s: %s',
+                               type(e).__name__, _short(str(e)))
                 worked = False
             with self._guard:
                 if not self._pending:
@@ -376,7 +390,13 @@ class _RangeRun:
                 return self._fail(traceback.format_exc())
             except Exception as e:
                 if self.backend.is_transient(e) or self.backend.is_busy(e):
-                    raise  # the database, not the batch: the claim expires, and is resumed
+                    # The database, not the batch: give the range back if the database lets
+                    # us (else the claim expires), and claim again at the next poll.
+                    try:
+                        self.backend.release_range(claim)
+                    except Exception:
+                        pass
+                    raise
                 sizer.restore(saved)
                 failures += 1
                 if failures > BATCH_RETRIES:
