@@ -28,7 +28,7 @@ The job:
     built, then waits until ``go`` exists before it runs, so that many processes start at once.
 
 Files it writes in ``dir``: ``<name>.owner`` (its runner's owner, at start), ``<name>.json``
-(at the end: owner, phase, ranges it finished, applied ids), its log in ``<name>.log``
+(at the end: owner, phase, ranges it finished, applied ids, its wall and CPU seconds), its log in ``<name>.log``
 (stderr, redirected by the caller).  When ``stop-<name>`` exists, the process stops itself
 with SIGSTOP at the start of its next batch, inside the batch's transaction, as a process
 paused by the OS or a debugger would be.
@@ -144,13 +144,14 @@ def main(argv):
         (workdir / f'{name}.ready').write_text('')
         wait_until(lambda: (workdir / job['go']).exists(), 'the go file', timeout=600,
                    interval=0.01)
-    started = time.monotonic()
+    started, cpu_started = time.monotonic(), time.process_time()
     phase = runner.run(deadline=time.monotonic() + job.get('deadline', 60))
     runner.stop(timeout=30)
     claimer = runner._claimer
     report = {'owner': owner, 'phase': phase, 'applied': runner.applied,
               'ranges_done': claimer.ranges_done.get(EVOLUTION_ID, 0) if claimer else 0,
-              'seconds': time.monotonic() - started}
+              'seconds': time.monotonic() - started,
+              'cpu_seconds': time.process_time() - cpu_started}
     (workdir / f'{name}.json').write_text(json.dumps(report))
     return 0
 
