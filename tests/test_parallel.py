@@ -18,7 +18,7 @@ import parallel_worker
 from cluster import child_environment
 from polling import wait_until
 from tgext.evolve.backends.sqlalchemy import SQLAlchemyBackend
-from tgext.evolve.records import APPLIED, FAILED, RANGE_DONE, RANGE_RUNNING
+from tgext.evolve.records import APPLIED, FAILED, RANGE_DONE, RANGE_RUNNING, RUNNING
 
 WORKER = os.path.join(os.path.dirname(__file__), 'parallel_worker.py')
 ROWS = 20_000
@@ -456,3 +456,46 @@ def test_a_process_shutting_down_gives_its_range_back_at_a_batch_boundary(
     resumed = reader.read_ranges(parallel_worker.EVOLUTION_ID)[working.range_no]
     assert resumed.owner == 'finishing'
     assert sum(r.items_done for r in reader.read_ranges(parallel_worker.EVOLUTION_ID)) == 1000
+
+
+def test_a_background_parallel_evolution_is_shared_by_serving_processes(sqlite_database_url,
+                                                                      tmp_path):
+    from conftest import empty_sql_database
+    from sqlalchemy import orm
+    import zope.sqlalchemy
+    from tgext.evolve.options import Settings
+    from tgext.evolve.runner import Runner
+
+    empty_sql_database(sqlite_database_url)
+    engine = sa.create_engine(sqlite_database_url)
+    parallel_worker.create_items(engine, 600)
+    session = orm.scoped_session(orm.sessionmaker(bind=engine))
+    zope.sqlalchemy.register(session)
+    reader = SQLAlchemyBackend(engine)
+
+    def runner(owner):
+        evolution = parallel_worker.make_backfill(
+            session, owner, {'iterations': 200, 'batch_size': 25, 'background': True}, tmp_path)
+        return Runner(SQLAlchemyBackend(engine, session=session), [evolution],
+                      Settings(lease=30, poll_interval=0.05, batch_seconds=0.05, throttle=0),
+                      owner=owner)
+
+    runners = [runner('web1'), runner('web2')]
+    for r in runners:
+        r.start()
+    served_while_running = set()
+
+    def applied():
+        record = reader.read_history().get(parallel_worker.EVOLUTION_ID)
+        if record is not None and record.state == RUNNING:
+            served_while_running.update(r.owner for r in runners if r.state.open)
+        return record is not None and record.state == APPLIED
+
+    try:
+        wait_until(applied, 'the background evolution applied', interval=0.005)
+    finally:
+        for r in runners:
+            r.stop(30)
+    assert served_while_running == {'web1', 'web2'}
+    assert parallel_worker.item_counts(engine) == {1: 600}
+    assert {r.owner for r in reader.read_ranges(parallel_worker.EVOLUTION_ID)} == {'web1', 'web2'}
