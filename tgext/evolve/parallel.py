@@ -363,8 +363,14 @@ class _RangeRun:
 
     def run(self):
         claim = self.claim
-        log.info('%s claimed range %d of %r%s', claim.owner, claim.range_no, self.evolution_id,
-                 '' if claim.checkpoint is None else ' (resuming from its checkpoint)')
+        # One line per range would flood the log of a cluster working through 256 of them:
+        # only a resumed range (a takeover, a range given back) is news.
+        if claim.checkpoint is None:
+            log.debug('%s claimed range %d of %r', claim.owner, claim.range_no,
+                      self.evolution_id)
+        else:
+            log.info('%s claimed range %d of %r, resuming from its checkpoint (claim %d)',
+                     claim.owner, claim.range_no, self.evolution_id, claim.claim_generation)
         sizer = BatchSizer(claim.batch_size or self.evolution.batch_size,
                            self.settings.batch_seconds, self.evolution.max_batch_size)
         failures = 0
@@ -410,8 +416,8 @@ class _RangeRun:
             self.cursor = work.cursor
             items += work.items
             if work.exhausted:
-                log.info('%s finished range %d of %r (%d items)', claim.owner, claim.range_no,
-                         self.evolution_id, items)
+                log.debug('%s finished range %d of %r (%d items)', claim.owner,
+                          claim.range_no, self.evolution_id, items)
                 return DONE
             self._log_progress(items)
             if self.throttle:
@@ -433,7 +439,7 @@ class _RangeRun:
         now = time.monotonic()
         if now - self._logged_at >= PROGRESS_LOG_INTERVAL:
             self._logged_at = now
-            log.info('%s: range %d of %r: %d items so far', self.claim.owner,
+            log.debug('%s: range %d of %r: %d items so far', self.claim.owner,
                      self.claim.range_no, self.evolution_id, items)
 
     def _failure_text(self, size):
