@@ -221,22 +221,31 @@ class RangeClaimer:
             with self._guard:
                 self._pending[step.evolution_id] = (evolution, step.blocking)
         with self._guard:
-            if self._pending and (self._thread is None or not self._thread.is_alive()):
+            if self._pending and self._thread is None:
                 self._thread = threading.Thread(target=self._run, name='tgext.evolve-ranges',
                                                 daemon=True)
                 self._thread.start()
 
     @property
     def alive(self):
-        return self._thread is not None and self._thread.is_alive()
+        thread = self._thread
+        return thread is not None and thread.is_alive()
 
     def join(self, timeout=None):
-        if self._thread is not None:
-            self._thread.join(timeout)
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
 
     # --- the thread ------------------------------------------------------------------------
 
     def _run(self):
+        try:
+            self._claim_until_done()
+        finally:
+            with self._guard:
+                self._thread = None  # under the guard: want() starts another one if needed
+
+    def _claim_until_done(self):
         while not self.stopping.is_set():
             try:
                 worked = self._round()
