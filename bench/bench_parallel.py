@@ -41,11 +41,14 @@ import _harness
 import parallel_worker  # tests/, on the path through _harness  # noqa: E402
 
 WORKER = os.path.join(_harness._apps.TESTS_DIR, 'parallel_worker.py')
-ROWS = 6000
-ITERATIONS = 2000
+ROWS = 8000
+#: The takeover run's rows: enough for the victim to be caught between two batches.
+TAKEOVER_ROWS = 6000
+ITERATIONS = 8000
 RUNS = 2
-#: Settings of the speed-up runs: polls short enough that the end is seen within 0.5 s.
-OPTIONS = dict(lease=10.0, poll_interval=0.5, batch_seconds=0.5)
+#: Settings of the speed-up runs: polls short beside the run, so that its start (the first
+#: claims) and its end (the last range seen done) cost little of the measured time.
+OPTIONS = dict(lease=10.0, poll_interval=0.2, batch_seconds=0.5)
 #: The takeover run's, as bench_takeover.py's.
 TAKEOVER = dict(lease=3.0, poll_interval=1.0, batch_seconds=0.2)
 SLACK = 0.5
@@ -152,7 +155,7 @@ def takeover(kind):
     """Seconds from SIGKILLing a claimer to its range's next committed batch elsewhere."""
     with _harness.scenario(kind) as (url, workdir), _harness.cluster() as procs:
         engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
-        parallel_worker.create_items(engine, ROWS)
+        parallel_worker.create_items(engine, TAKEOVER_ROWS)
         backend = _backend(url)
         names = ['victim', 'other-1', 'other-2']
         # Ranges of a few batches each, as the class's batch_size makes them: busy claimers
