@@ -217,7 +217,8 @@ def report(figure, kind, value, target, unit='', spread=None, detail='', at_leas
           f'target {relation} {format_value(target)}{unit:<3} {"PASS" if passed else "FAIL"}'
           f'{runs}{"  " + detail if detail else ""}', flush=True)
     results.append(dict(figure=figure, db=kind, value=value, target=target, unit=unit.strip(),
-                        passed=passed, spread=spread, detail=detail, relation=relation))
+                        passed=passed, spread=spread, detail=detail, relation=relation,
+                        at_least=at_least))
     return passed
 
 

@@ -14,6 +14,7 @@ import sys
 import _harness
 import bench_batches
 import bench_cluster
+import bench_parallel
 import bench_requests
 import bench_startup
 import bench_takeover
@@ -60,6 +61,7 @@ def main(argv=None):
         bench_takeover.run(kind, args.runs)
         bench_cluster.run(kind, args.runs)
         bench_batches.run(kind, args.quick)
+        bench_parallel.run(kind, args.runs)
     print()
     print(summary())
     return 0 if all(r['passed'] for r in _harness.results) else 1

@@ -289,7 +289,8 @@ def test_run_applies_what_status_and_plan_show_pending_exactly_once(cliapp):
 
 #: The keys of every entry of ``status --json``, registered or not, whatever its state.
 ENTRY_KEYS = {'id', 'registered', 'state', 'reason', 'running_now', 'attempts', 'started_at',
-              'finished_at', 'duration_ms', 'owner', 'generation', 'error', 'progress'}
+              'finished_at', 'duration_ms', 'owner', 'generation', 'error', 'progress',
+              'ranges'}
 
 
 @SQLITE_ONLY

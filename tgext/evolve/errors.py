@@ -27,6 +27,11 @@ class LeaseLost(EvolveError):
     """The lock changed hands: this process must not write history or start another evolution."""
 
 
+class ClaimLost(LeaseLost):
+    """A range of a parallel evolution was claimed by another process (its lease expired):
+    this process's batch in it was rolled back and it must not write to the range again."""
+
+
 class EvolutionFailed(EvolveError):
     """An evolution raised; its work was rolled back and it is recorded as failed.
 

@@ -120,6 +120,8 @@ class Status:
     evolutions: tuple  # EvolutionStatus of every registered evolution, in run order
     unregistered: tuple  # HistoryRecord of ids no registered evolution has
     lock: Optional[LockRecord]
+    #: The key ranges of parallel evolutions (RangeRecord lists), by evolution id.
+    ranges: dict = dataclasses.field(default_factory=dict)
 
     @property
     def settled(self):
@@ -205,7 +207,17 @@ def status(service):
         evolutions.append(EvolutionStatus(evolution_id, state, reason, record, running_now))
     registered = {e.evolution_id for e in service.evolutions}
     unregistered = tuple(r for i, r in sorted(history.items()) if i not in registered)
-    return Status(tuple(evolutions), unregistered, lock)
+    return Status(tuple(evolutions), unregistered, lock, _ranges(service))
+
+
+def _ranges(service):
+    """The ranges of every registered parallel evolution (an empty list before it is cut, or
+    on storage without ranges), read only when there is one."""
+    ranges = {e.evolution_id: [] for e in service.evolutions if getattr(e, 'parallel', False)}
+    if ranges:
+        for record in service.backend.read_ranges():
+            ranges.setdefault(record.evolution_id, []).append(record)
+    return ranges
 
 
 def history(service, ids=()):

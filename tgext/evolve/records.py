@@ -120,6 +120,54 @@ HISTORY_V1_FIELDS = HistoryRecord._fields[:HistoryRecord._fields.index('fingerpr
 HISTORY_BATCH_FIELDS = HistoryRecord._fields[len(HISTORY_V1_FIELDS):]
 
 
+#: States of a parallel evolution's key range (``tgext_evolve_ranges``).
+RANGE_PENDING = 'pending'  # nobody works on it (never claimed, released, or reset by retry)
+RANGE_RUNNING = 'running'  # claimed: ``owner`` works on it until ``expires_at``
+RANGE_DONE = 'done'  # its last batch committed
+RANGE_FAILED = 'failed'  # a batch failed after its retries; the checkpoint is kept
+
+
+class RangeRecord(NamedTuple):
+    """One key range of a parallel evolution as stored, with the clock that decides expiry."""
+    evolution_id: str
+    range_no: int
+    after_key: Optional[str]  # JSON cursor, exclusive; None: from the start
+    upto_key: Optional[str]  # JSON cursor, inclusive; None: to the end
+    checkpoint: Optional[str]  # JSON cursor after the range's last committed batch
+    state: str
+    owner: Optional[str] = None
+    claim_generation: int = 0  # +1 on every claim: what a claimer's writes are fenced on
+    claimed_at: Optional[float] = None
+    expires_at: Optional[float] = None
+    items_done: int = 0
+    batches_done: int = 0
+    batch_size: Optional[int] = None
+    attempts: int = 0  # claims so far
+    error: Optional[str] = None
+    finished_at: Optional[float] = None
+    now: Optional[float] = None  # the clock that decides expiry, read with the record
+
+    @property
+    def claimed(self) -> bool:
+        """True while a claimer holds an unexpired claim on it."""
+        return (self.state == RANGE_RUNNING and self.expires_at is not None
+                and self.now is not None and self.expires_at > self.now)
+
+
+class RangeClaim(NamedTuple):
+    """Proof of a claim on one range: what the claimer's range writes are fenced on."""
+    evolution_id: str
+    range_no: int
+    owner: str
+    claim_generation: int
+    lease_seconds: float
+    after_key: Optional[str]
+    upto_key: Optional[str]
+    checkpoint: Optional[str]  # where to resume (None: at ``after_key``)
+    batch_size: Optional[int]  # the size the range's last batch chose
+    attempts: int
+
+
 class LegacyState(NamedTuple):
     """What tgext.evolve 0.0.5 left in its ``tgext_evolve`` table or collection."""
     version: Optional[str]  # the last evolution id it applied

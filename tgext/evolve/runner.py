@@ -106,6 +106,7 @@ class Runner:
         self._waited_generation = None  # of the lock another process held when we began waiting
         self._last_note = None
         self._busy_since = None
+        self._claimer = None  # parallel.RangeClaimer, once a parallel evolution is pending
 
     # --- drivers -------------------------------------------------------------------------------
 
@@ -128,6 +129,8 @@ class Runner:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        if self._claimer is not None:
+            self._claimer.join(timeout)  # it gives its range back at the batch boundary
 
     def run(self, deadline=None):
         """Step until the gate opens (or ``stop()``/``deadline``); returns the final phase."""
@@ -193,6 +196,7 @@ class Runner:
             self._open(READY, 'all %d evolutions applied: serving', len(self.evolutions),
                        key='all-applied')
             return DONE
+        self._claim_ranges(steps)
         if not any(step.blocking for step in steps):
             self._open_for_background(steps)
         if self._runnable(steps) == []:
@@ -226,6 +230,15 @@ class Runner:
             if self._batch_fields:
                 return self._plan()
         return steps
+
+    def _claim_ranges(self, steps):
+        """Every process with a parallel evolution pending works on its ranges."""
+        parallel = [s for s in steps if getattr(s.evolution, 'parallel', False)]
+        if parallel:
+            from .parallel import RangeClaimer
+            if self._claimer is None:
+                self._claimer = RangeClaimer(self)
+            self._claimer.want(parallel)
 
     def _open_for_background(self, steps):
         self._open(READY, 'every blocking evolution is applied: serving while %d background '
@@ -572,8 +585,12 @@ class Runner:
         return text
 
     def _run_batched(self, step, heartbeat):
-        from .batching import DONE as BATCHES_DONE, FAILED as BATCHES_FAILED, BatchedRun
-        run = BatchedRun(self, step, heartbeat)
+        from .batching import DONE as BATCHES_DONE, FAILED as BATCHES_FAILED
+        if step.evolution.parallel:
+            from .parallel import ParallelRun as Run
+        else:
+            from .batching import BatchedRun as Run
+        run = Run(self, step, heartbeat)
         try:
             outcome = run.run()
         finally:

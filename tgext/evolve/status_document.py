@@ -8,7 +8,7 @@ progress).  The schema is documented in README.rst ("The status document").
 import datetime
 
 from .errors import exception_line
-from .records import PAUSED, RUNNING
+from .records import PAUSED, RANGE_DONE, RANGE_FAILED, RANGE_PENDING, RUNNING
 
 
 def iso(timestamp):
@@ -74,9 +74,24 @@ def lock_document(lock):
     }
 
 
-def _entry(evolution_id, registered, state, reason, running_now, record):
+def ranges_document(ranges):
+    """A parallel evolution's key ranges: how many in each state, and who works on what now
+    (the claims whose lease is valid)."""
+    count = {state: sum(1 for r in ranges if r.state == state)
+             for state in (RANGE_DONE, RANGE_FAILED, RANGE_PENDING)}
+    return {
+        'total': len(ranges), 'done': count[RANGE_DONE], 'failed': count[RANGE_FAILED],
+        'pending': count[RANGE_PENDING],
+        'working': [{'range': r.range_no, 'owner': r.owner, 'items_done': r.items_done,
+                     'expires_in': round(r.expires_at - r.now, 3)}
+                    for r in ranges if r.claimed],
+    }
+
+
+def _entry(evolution_id, registered, state, reason, running_now, record, ranges=None):
     return {'id': evolution_id, 'registered': registered, 'state': state, 'reason': reason,
-            'running_now': running_now, **record_fields(record)}
+            'running_now': running_now, **record_fields(record),
+            'ranges': None if ranges is None else ranges_document(ranges)}
 
 
 def _held_by_its_owner(record, lock):
@@ -89,14 +104,17 @@ def status_document(status):
 
     ``ok``: nothing pending, running or failed.  ``evolutions``: every registered evolution in
     run order.  ``unregistered``: history records of ids no registered evolution has.
-    ``lock``: the lock, or None.
+    ``lock``: the lock, or None.  ``ranges``: None but for parallel evolutions.
     """
+    ranges = getattr(status, 'ranges', {})
     return {
         'ok': status.settled,
-        'evolutions': [_entry(e.evolution_id, True, e.state, e.reason, e.running_now, e.record)
+        'evolutions': [_entry(e.evolution_id, True, e.state, e.reason, e.running_now, e.record,
+                              ranges.get(e.evolution_id))
                        for e in status.evolutions],
         'unregistered': [_entry(r.evolution_id, False, r.state, None,
-                                _held_by_its_owner(r, status.lock), r)
+                                _held_by_its_owner(r, status.lock), r,
+                                ranges.get(r.evolution_id))
                          for r in status.unregistered],
         'lock': lock_document(status.lock),
     }

@@ -31,10 +31,11 @@ the same methods.  Backends know nothing about HTTP, TurboGears requests or the 
 from __future__ import annotations
 
 import abc
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, NamedTuple, Optional
+from typing import (TYPE_CHECKING, Any, Callable, Iterable, List, Mapping, NamedTuple, Optional,
+                    Sequence, Tuple)
 
 from ..records import (DEFAULT_LOCK_NAME, AuditEntry, HistoryRecord, Lease, LegacyState,
-                       LockRecord)
+                       LockRecord, RangeClaim, RangeRecord)
 
 if TYPE_CHECKING:  # the walkers are loaded by the backends that make them, when they do
     from .walker import Walker
@@ -273,6 +274,61 @@ class Backend(abc.ABC):
     def record_paused(self, lease: Lease, evolution_id: str) -> HistoryRecord:
         """Honour a ``pause`` request for an evolution that has not started (or is between
         attempts): ``state=paused``, the request cleared, the checkpoint kept."""
+
+    # --- parallel evolutions: key ranges (storage version 3) ------------------------------------
+    #
+    # The coordinator (the lock holder) writes ranges fenced by its lease; claimers (any
+    # process) write a range fenced by their claim on it: ``(owner, claim_generation)``
+    # checked in the same atomic step as the write, ClaimLost when it does not match.
+
+    @abc.abstractmethod
+    def read_ranges(self, evolution_id: Optional[str] = None) -> List[RangeRecord]:
+        """The ranges of one evolution (or of all), ordered by evolution id and range number,
+        each with the expiry clock; empty when there are none (or no store yet)."""
+
+    @abc.abstractmethod
+    def prepare_ranges(self, lease: Lease, evolution_id: str,
+                       ranges: Optional[Sequence[Tuple[Optional[str], Optional[str]]]]
+                       ) -> List[RangeRecord]:
+        """Fenced by ``lease``.  With ``ranges`` (``(after_key, upto_key)`` JSON texts): replace
+        the evolution's ranges by these, all ``pending``.  Without: keep them, every ``failed``
+        one back to ``pending`` with its checkpoint (a retry resumes what is left).  Returns
+        the ranges as committed."""
+
+    @abc.abstractmethod
+    def claim_range(self, evolution_id: str, owner: str,
+                    lease_seconds: float) -> Optional[RangeClaim]:
+        """Claim one ``pending`` range of the evolution, or a ``running`` one whose claim
+        expired: ``state=running``, owner, ``claim_generation+1``, ``expires_at`` = now +
+        lease, ``attempts+1``, in one atomic step that at most one of many concurrent
+        claimers wins.  Never waits for a lock another claimer holds.  None when nothing is
+        claimable."""
+
+    @abc.abstractmethod
+    def run_range_batch(self, claim: RangeClaim, work: Callable[[], BatchCheckpoint]) -> None:
+        """:meth:`run_batch` for a range: ``work()``'s writes, the range's checkpoint (cursor,
+        ``items_done``, ``batches_done``, batch size), the claim's renewal (``expires_at``) and
+        the fencing check on the claim commit together where the database allows it
+        (:attr:`atomic_apply`); an ``exhausted`` checkpoint makes the range ``done``.  If
+        ``work()`` raises its writes are rolled back and the exception propagates; a failed
+        fencing check raises ClaimLost with everything rolled back (on MongoDB, the flushed
+        work stays: at least once)."""
+
+    @abc.abstractmethod
+    def release_range(self, claim: RangeClaim) -> bool:
+        """Give a claimed range back (``pending``, no owner, checkpoint kept); False if the
+        claim was lost already."""
+
+    @abc.abstractmethod
+    def fail_range(self, claim: RangeClaim, error: str) -> bool:
+        """Record the claimed range ``failed`` with the traceback text, checkpoint kept;
+        False if the claim was lost already."""
+
+    @abc.abstractmethod
+    def record_parallel_progress(self, lease: Lease, evolution_id: str, done: int,
+                                 batches_done: int, rate: Optional[float]) -> None:
+        """Fenced by ``lease``: the summed progress of every range in the history record
+        (``progress_done``, ``batches_done``, ``rate``, ``progress_at``)."""
 
     # --- operators' requests and the audit trail (storage version 3) ---------------------------
 

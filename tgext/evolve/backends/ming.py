@@ -48,6 +48,7 @@ from .. import logs, records
 from ..errors import LeaseLost
 from ..forking import after_fork_in_child
 from . import base
+from .ming_ranges import MingRanges
 
 if TYPE_CHECKING:
     from .walker import Walker
@@ -92,7 +93,7 @@ _BLANK_HISTORY = {**dict.fromkeys(_HISTORY_FIELDS), 'attempts': 0, 'progress_at'
 _NOT_PROGRESSED = {'progress_done': None, 'progress_total': None, 'progress_at': None}
 
 
-class MingBackend(base.Backend):
+class MingBackend(MingRanges, base.Backend):
     """The storage contract on MongoDB.
 
     ``db`` is the application's pymongo ``Database`` or ``ming.mim.Database``

@@ -50,6 +50,13 @@ class DefaultImpl:
         wait): the DDL can be tried again later."""
         return self.is_busy(error)
 
+    def has_skip_locked(self, dialect):
+        """True when the connected server has ``SELECT ... FOR UPDATE SKIP LOCKED``: a claim
+        of a parallel evolution's range then skips rows other claimers are taking instead of
+        comparing-and-setting (``dialect`` of a connected engine: its server version is
+        known)."""
+        return False
+
 
 class SQLiteImpl(DefaultImpl):
     now_sql = "((julianday('now') - 2440587.5) * 86400.0)"
@@ -119,6 +126,9 @@ class PostgreSQLImpl(DefaultImpl):
         yield
         conn.exec_driver_sql('SET LOCAL lock_timeout TO DEFAULT')
 
+    def has_skip_locked(self, dialect):
+        return True  # since 9.5, older than anything SQLAlchemy 2 supports
+
     def is_lock_timeout(self, error):
         orig = getattr(error, 'orig', None)
         # 55P03 lock_not_available: psycopg 3 says sqlstate, psycopg2 pgcode.
@@ -149,6 +159,10 @@ class MySQLImpl(DefaultImpl):
                 # Never back to the pool with our setting.  Not raised: an error of the DDL
                 # says more, and without one the next statement fails on this connection.
                 conn.invalidate()
+
+    def has_skip_locked(self, dialect):
+        version = dialect.server_version_info or ()
+        return version >= ((10, 6) if dialect.is_mariadb else (8, 0, 1))
 
     def is_lock_timeout(self, error):
         args = getattr(getattr(error, 'orig', None), 'args', ())

@@ -23,6 +23,7 @@ from ..records import (APPLIED, DEFAULT_LOCK_NAME, DONE_STATES, FAILED, HISTORY_
                        HISTORY_V1_FIELDS, PAUSE, PAUSED, RESUME, RETRY, RUNNING, AuditEntry,
                        HistoryRecord, Lease, LegacyState, LockRecord, require_done_state)
 from .base import AUDIT_TABLE, HISTORY_TABLE, LEGACY_TABLE, LOCK_TABLE, Backend, audit_text
+from .sql_ranges import SQLRanges
 from .sql_unprepared import unprepared, unprepared_engine
 
 log = logs.backend
@@ -93,7 +94,7 @@ def _clear_honoured_requests(conn, evolution_id):
                  .values(requested=None, requested_by=None, requested_at=None))
 
 
-class SQLAlchemyBackend(Backend):
+class SQLAlchemyBackend(SQLRanges, Backend):
     """Lock and history in two tables of the application's database.
 
     ``engine`` is the application's engine (the master in a master/replica set-up): every
