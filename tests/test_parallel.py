@@ -500,3 +500,6 @@ def test_a_background_parallel_evolution_is_shared_by_serving_processes(sqlite_d
     assert served_while_running == {'web1', 'web2'}
     assert parallel_worker.item_counts(engine) == {1: 600}
     assert {r.owner for r in reader.read_ranges(parallel_worker.EVOLUTION_ID)} == {'web1', 'web2'}
+    # The coordinator's attempt is in the audit trail like any batched evolution's.
+    actions = [e.action for e in reader.read_audit(parallel_worker.EVOLUTION_ID)]
+    assert actions[0] == 'started' and actions[-1] == 'applied', actions

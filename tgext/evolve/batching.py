@@ -199,17 +199,20 @@ class BatchedRun:
         except LeaseLost:
             self.heartbeat.lost.set()
             return LOST
-        self.attempts = record.attempts
-        log.info('evolving %r in batches (%s, attempt %d)%s', self.evolution_id,
-                 self.step.reason, record.attempts, _resume_note(record))
-        self.attempt = record.attempts
+        self.attempts = self.attempt = record.attempts
         self.audit(self.evolution_id, STARTED,
                    f'attempt {record.attempts}: {self.step.reason}{_resume_note(record)}')
-        outcome = self._batches(walker, record)
+        outcome = self._started(walker, total, record)
         if outcome != FAILED:  # _fail() wrote its own, with the traceback
             self.audit(self.evolution_id, outcome, _OUTCOME_NOTES[outcome].format(
                 attempt=record.attempts, done=self.done, batches=self.batches))
         return outcome
+
+    def _started(self, walker, total, record):
+        """Run the batches of the evolution recorded running; returns how it ended."""
+        log.info('evolving %r in batches (%s, attempt %d)%s', self.evolution_id,
+                 self.step.reason, record.attempts, _resume_note(record))
+        return self._batches(walker, record)
 
     def _walker(self):
         if self.evolution.walks:

@@ -81,22 +81,11 @@ class ParallelRun(BatchedRun):
     Returns the same outcomes as :class:`~.batching.BatchedRun`.
     """
 
-    def run(self):
+    def _started(self, walker, total, record):
         try:
-            walker = self._walker()
-            total = self._total(walker)
-        except Exception as e:
-            if self.backend.is_transient(e) or self.backend.is_busy(e):
-                raise
+            ranges = self._prepare(walker, total)
+        except ConfigurationError:
             return self._fail(traceback.format_exc())
-        try:
-            record = self.backend.record_batches_running(
-                self.heartbeat.lease, self.evolution_id, self.evolution.batch_size, total,
-                self.fingerprint)
-            try:
-                ranges = self._prepare(walker, total)
-            except ConfigurationError:
-                return self._fail(traceback.format_exc())
         except LeaseLost:
             self.heartbeat.lost.set()
             return LOST
@@ -139,6 +128,7 @@ class ParallelRun(BatchedRun):
                 continue
             done = sum(r.items_done for r in ranges)
             batches = sum(r.batches_done for r in ranges)
+            self.done, self.batches = done, batches  # for the audit trail
             now = time.monotonic()
             if seen_done is not None:
                 rate = smoothed_rate(rate, done - seen_done, now - seen_at)
