@@ -503,3 +503,62 @@ def test_a_background_parallel_evolution_is_shared_by_serving_processes(sqlite_d
     # The coordinator's attempt is in the audit trail like any batched evolution's.
     actions = [e.action for e in reader.read_audit(parallel_worker.EVOLUTION_ID)]
     assert actions[0] == 'started' and actions[-1] == 'applied', actions
+
+
+def test_a_paused_parallel_evolution_stops_every_claimer_and_resumes_from_the_ranges(
+        sqlite_database_url, tmp_path):
+    """An operator's pause stops the coordinator and, within a poll interval, every claimer
+    at a batch boundary, its range given back with its checkpoint; resume finishes the rest,
+    each row still changed once."""
+    from conftest import empty_sql_database
+    from sqlalchemy import orm
+    import zope.sqlalchemy
+    from tgext.evolve.options import Settings
+    from tgext.evolve.records import PAUSE, PAUSED, RESUME
+    from tgext.evolve.runner import Runner
+
+    empty_sql_database(sqlite_database_url)
+    engine = sa.create_engine(sqlite_database_url)
+    parallel_worker.create_items(engine, 1500)
+    session = orm.scoped_session(orm.sessionmaker(bind=engine))
+    zope.sqlalchemy.register(session)
+    reader = SQLAlchemyBackend(engine)
+    evolution_id = parallel_worker.EVOLUTION_ID
+
+    def runner(owner):
+        evolution = parallel_worker.make_backfill(
+            session, owner, {'iterations': 3000, 'batch_size': 20}, tmp_path)
+        return Runner(SQLAlchemyBackend(engine, session=session), [evolution],
+                      Settings(lease=30, poll_interval=0.1, batch_seconds=0.05, throttle=0),
+                      owner=owner)
+
+    def done():
+        return sum(r.items_done for r in reader.read_ranges(evolution_id))
+
+    runners = [runner('web1'), runner('web2')]
+    for r in runners:
+        r.start()
+    try:
+        wait_until(lambda: done() > 100, 'some ranges worked on')
+        assert reader.record_request(evolution_id, PAUSE, 'olivia', RUNNING) is not None
+        wait_until(lambda: reader.read_history()[evolution_id].state == PAUSED,
+                   'the evolution paused')
+        wait_until(lambda: not any(r.state == RANGE_RUNNING
+                                   for r in reader.read_ranges(evolution_id)),
+                   'every claimer gave its range back')
+        paused_at = done()
+        assert 0 < paused_at < 1500
+        # Paused: nothing more is committed, however long the processes keep polling.
+        for r in runners:
+            assert not r.state.open  # a paused blocking evolution keeps the gate closed
+        wait_until(lambda: all(r.alive for r in runners), 'the runners polling')
+        assert done() == paused_at and parallel_worker.item_counts(engine) == {
+            1: paused_at, 0: 1500 - paused_at}
+        assert reader.record_request(evolution_id, RESUME, 'olivia', PAUSED) is not None
+        wait_until(lambda: reader.read_history()[evolution_id].state == APPLIED,
+                   'the evolution resumed and applied')
+    finally:
+        for r in runners:
+            r.stop(30)
+    assert parallel_worker.item_counts(engine) == {1: 1500}
+    assert done() == 1500
