@@ -3,8 +3,8 @@
 The public API is what this module exports; everything else is internal.
 """
 from .alembic_upgrade import AlembicUpgrade
-from .errors import (ConfigurationError, EvolutionFailed, EvolveError, LeaseLost, LockWaitTimeout,
-                     OperationRefused, TransactionEscaped)
+from .errors import (ClaimLost, ConfigurationError, EvolutionFailed, EvolveError, LeaseLost,
+                     LockWaitTimeout, OperationRefused, TransactionEscaped)
 from .evolution import BatchEvolution, Evolution
 from .plugin import plugme
 from .status_page import EvolveStatusController
@@ -18,6 +18,8 @@ def baseline(config, *, timeout=None):
     from .operations import baseline as record_baseline  # only setup-app pays its import
     return record_baseline(config, timeout=timeout)
 
-__all__ = ['plugme', 'baseline', 'Evolution', 'BatchEvolution', 'AlembicUpgrade', 'EvolveStatusController',
-           'EvolveError', 'ConfigurationError', 'LeaseLost', 'EvolutionFailed',
-           'OperationRefused', 'LockWaitTimeout', 'TransactionEscaped', '__version__']
+
+__all__ = ['plugme', 'baseline', 'Evolution', 'BatchEvolution', 'AlembicUpgrade',
+           'EvolveStatusController', 'EvolveError', 'ConfigurationError', 'LeaseLost',
+           'ClaimLost', 'EvolutionFailed', 'OperationRefused', 'LockWaitTimeout',
+           'TransactionEscaped', '__version__']
