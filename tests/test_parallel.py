@@ -469,14 +469,17 @@ def test_a_background_parallel_evolution_is_shared_by_serving_processes(sqlite_d
 
     empty_sql_database(sqlite_database_url)
     engine = sa.create_engine(sqlite_database_url)
-    parallel_worker.create_items(engine, 600)
+    # Enough work (about 2 s of hashing in 24 ranges) that the second process's claimer,
+    # which starts at its first look, gets ranges before the first one is done with them all.
+    parallel_worker.create_items(engine, 1200)
     session = orm.scoped_session(orm.sessionmaker(bind=engine))
     zope.sqlalchemy.register(session)
     reader = SQLAlchemyBackend(engine)
 
     def runner(owner):
         evolution = parallel_worker.make_backfill(
-            session, owner, {'iterations': 200, 'batch_size': 25, 'background': True}, tmp_path)
+            session, owner, {'iterations': 3000, 'batch_size': 25, 'background': True},
+            tmp_path)
         return Runner(SQLAlchemyBackend(engine, session=session), [evolution],
                       Settings(lease=30, poll_interval=0.05, batch_seconds=0.05, throttle=0),
                       owner=owner)
@@ -498,7 +501,7 @@ def test_a_background_parallel_evolution_is_shared_by_serving_processes(sqlite_d
         for r in runners:
             r.stop(30)
     assert served_while_running == {'web1', 'web2'}
-    assert parallel_worker.item_counts(engine) == {1: 600}
+    assert parallel_worker.item_counts(engine) == {1: 1200}
     assert {r.owner for r in reader.read_ranges(parallel_worker.EVOLUTION_ID)} == {'web1', 'web2'}
     # The coordinator's attempt is in the audit trail like any batched evolution's.
     actions = [e.action for e in reader.read_audit(parallel_worker.EVOLUTION_ID)]
