@@ -605,3 +605,15 @@ def db(request):
         yield harness
     finally:
         harness.close()
+
+
+def emptied_sql_harness(request):
+    """For a fixture parametrized over ``SQL_KINDS``: a SQLHarness on this run's database of
+    that kind, emptied first and closed after."""
+    url = request.getfixturevalue(f'{request.param}_database_url')
+    empty_sql_database(url)
+    harness = SQLHarness(request.param, url)
+    try:
+        yield harness
+    finally:
+        harness.close()

@@ -83,13 +83,7 @@ class Items:
 @pytest.fixture(params=conftest.SQL_KINDS)
 def sql_db(request):
     """The ``db`` harness on the SQL databases only."""
-    url = request.getfixturevalue(f'{request.param}_database_url')
-    conftest.empty_sql_database(url)
-    harness = conftest.SQLHarness(request.param, url)
-    try:
-        yield harness
-    finally:
-        harness.close()
+    yield from conftest.emptied_sql_harness(request)
 
 
 class Killed(BaseException):

@@ -28,13 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 @pytest.fixture(params=conftest.SQL_KINDS)
 def sql(request):
     """A SQLHarness on this run's database of each SQL kind, emptied."""
-    url = request.getfixturevalue(f'{request.param}_database_url')
-    conftest.empty_sql_database(url)
-    harness = conftest.SQLHarness(request.param, url)
-    try:
-        yield harness
-    finally:
-        harness.close()
+    yield from conftest.emptied_sql_harness(request)
 
 
 def settings(**overrides):
