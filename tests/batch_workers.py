@@ -18,10 +18,9 @@ every ``process()`` call, committed or not.  Their optional keys:
 ``cost``
     seconds each ``process()`` call sleeps (the work's cost, not a synchronisation).
 ``stop_after``
-    ``{"item": id, "when": "in_batch" | "after_commit", "once_file": name}``: the first
-    process to meet ``item`` sends itself SIGSTOP, either right there (inside the batch's open
-    transaction) or right after that batch committed; ``once_file`` (created atomically) makes
-    it happen in one process only.  The test decides when to SIGCONT it.
+    ``{"item": id, "once_file": name}``: the first process to meet ``item`` sends itself
+    SIGSTOP right there, inside the batch's open transaction; ``once_file`` (created
+    atomically) makes it happen in one process only.  The test decides when to SIGCONT it.
 
 Other items are procapp's scripted evolutions (``steps``).
 
@@ -31,12 +30,10 @@ redone once by its successor, and nothing else.
 """
 import os
 import signal
-import sqlite3
 import sys
 import time
 
 import sqlalchemy as sa
-import transaction
 from sqlalchemy import orm
 
 import procapp
@@ -133,24 +130,7 @@ class CountedBump(tgext.evolve.BatchEvolution):
             time.sleep(self.cost)
         os.write(self._calls, b'%d\n' % row.id)
         if self.stop is not None and row.id == self.stop['item'] and self._first_to_stop():
-            if self.stop['when'] == 'in_batch':
-                os.kill(os.getpid(), signal.SIGSTOP)
-            else:
-                transaction.get().addAfterCommitHook(self._stop_after_commit)
-
-    def _stop_after_commit(self, committed):
-        engine = self.model.DBSession.get_bind()
-        if engine.dialect.name == 'sqlite':
-            # A lease renewal of this process that waited for the batch's commit takes
-            # SQLite's only write lock right now: stopped with it, the process would keep
-            # everybody from writing.  Stop once the write lock is free again.
-            conn = sqlite3.connect(engine.url.database, timeout=30, isolation_level=None)
-            try:
-                conn.execute('BEGIN IMMEDIATE')
-                conn.execute('ROLLBACK')
-            finally:
-                conn.close()
-        os.kill(os.getpid(), signal.SIGSTOP)
+            os.kill(os.getpid(), signal.SIGSTOP)  # inside the batch's open transaction
 
     def _first_to_stop(self):
         try:

@@ -124,9 +124,8 @@ def test_a_stale_holder_commits_nothing_after_waking_or_after_its_lease_was_brok
         # "Transaction semantics per database").  Seen in 1 run out of 5.
         pytest.skip('SQLite: a stopped process may hold the only write lock')
     rows = 6_000
-    when = 'in_batch'
     spec = bump(cost=0.0005, batch_size=50, max_batch_size=200,
-                stop_after={'item': 1_000, 'when': when, 'once_file': 'stopped'})
+                stop_after={'item': 1_000, 'once_file': 'stopped'})
     with BatchCluster(sql_url, tmp_path, [spec], OPTIONS) as c:
         c.prepare_items(rows)
         processes = c.start(3)
@@ -172,9 +171,8 @@ def test_a_stale_holder_commits_nothing_after_waking_or_after_its_lease_was_brok
         wait_until(lambda: stopped.log_lines('lock lost') and (
             victim is None or victim.log_lines('lock lost')), 'both stale holders noticing',
             DEADLINE)
-        if when == 'in_batch':
-            # It went on with the batch it was stopped in, and none of it was committed.
-            assert len(c.calls(stopped)) > before
+        # It went on with the batch it was stopped in, and none of it was committed.
+        assert len(c.calls(stopped)) > before
         record = c.record()
         assert (record.state, record.progress_done) == (APPLIED, rows)
         c.wait_serving(processes)
