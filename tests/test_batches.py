@@ -21,6 +21,7 @@ import conftest
 from batch_workers import assert_resumed
 from tgext.evolve import BatchEvolution
 from tgext.evolve import operations
+from tgext.evolve.batching import BatchSizer
 from tgext.evolve.cursors import decode_key
 from tgext.evolve.options import Settings
 from tgext.evolve.records import APPLIED, FAILED
@@ -340,6 +341,50 @@ def test_the_batch_size_counts_the_whole_transaction_the_flush_and_the_commit_to
     # The rows' UPDATEs alone of more than target / per_row items would outlast the target.
     assert _median(size for _, size, _ in settled) <= 1.5 * target / per_row, (
         _described(cycles))
+
+
+def _settle(sizer, seconds_per_item, fixed=0.003, batches=12):
+    """Feed ``sizer`` batches costing ``fixed`` plus ``seconds_per_item`` each; their sizes."""
+    sizes = []
+    for _ in range(batches):
+        sizes.append(sizer.size)
+        sizer.observe(sizer.size, fixed + seconds_per_item * sizer.size)
+    return sizes
+
+
+def test_a_batch_stalled_by_the_machine_costs_one_small_batch_not_eight():
+    """A moment's stall (a batch of 150 cheap items took 1 s) shrinks the next batch at once;
+    that batch running at the old pace shows it was a stall, and the size comes back at the
+    next one instead of regrowing x1.5 at a time with the stall skewing the fit."""
+    sizer = BatchSizer(10, 0.1, ceiling=1000)
+    settled = _settle(sizer, 0.0005)[-1]
+    assert 150 <= settled <= 200
+    sizer.observe(sizer.size, 1.0)  # the stall
+    shrunk = sizer.size
+    assert shrunk < settled / 5  # short transactions first: the next batch is small
+    sizer.observe(shrunk, 0.003 + 0.0005 * shrunk)
+    assert sizer.size >= 0.9 * settled
+    assert abs(_settle(sizer, 0.0005, batches=4)[-1] - settled) <= 0.1 * settled
+
+
+def test_items_that_get_costlier_are_not_taken_for_a_stall():
+    """Items four times costlier from one batch on: the sizes settle about four times lower
+    and never jump back to the cheap items' size."""
+    sizer = BatchSizer(10, 0.1, ceiling=1000)
+    cheap = _settle(sizer, 0.0005)[-1]
+    costly = _settle(sizer, 0.002)
+    assert max(costly[2:]) <= cheap / 2, costly
+    assert 0.1 * cheap <= costly[-1] <= 0.4 * cheap, costly
+
+
+def test_batches_shrunk_to_one_item_grow_again_when_items_get_cheap():
+    """Items of half a second each shrink batches to one item; cheap items after them grow
+    the batches back to the cheap items' settled size (a one-item batch once stayed one item
+    for good: 1 x 1.5 rounds down to 1)."""
+    sizer = BatchSizer(10, 0.1, ceiling=1000)
+    assert _settle(sizer, 0.5, batches=4)[-1] == 1
+    grown = _settle(sizer, 0.0005, batches=20)
+    assert 150 <= grown[-1] <= 200, grown
 
 
 def _median(values):

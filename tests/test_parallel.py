@@ -521,13 +521,15 @@ def test_a_background_parallel_evolution_is_shared_by_serving_processes(sqlite_d
 
 
 def test_a_paused_parallel_evolution_stops_every_claimer_and_resumes_from_the_ranges(
-        sqlite_database_url, tmp_path):
+        sqlite_database_url, tmp_path, monkeypatch):
     """An operator's pause stops the coordinator and, within a poll interval, every claimer
     at a batch boundary, its range given back with its checkpoint; resume finishes the rest,
     each row still changed once."""
+    import threading
     from conftest import empty_sql_database
     from sqlalchemy import orm
     import zope.sqlalchemy
+    from tgext.evolve import parallel
     from tgext.evolve.options import Settings
     from tgext.evolve.records import PAUSE, PAUSED, RESUME
     from tgext.evolve.runner import Runner
@@ -550,12 +552,24 @@ def test_a_paused_parallel_evolution_stops_every_claimer_and_resumes_from_the_ra
     def done():
         return sum(r.items_done for r in reader.read_ranges(evolution_id))
 
+    # The claimers wait at a batch boundary (outside any transaction) once 100 items are done,
+    # until the pause is recorded: a stalled test thread cannot let them finish first.
+    pause_recorded = threading.Event()
+    still_wanted = parallel._RangeRun._still_wanted
+
+    def held_until_the_pause(run):
+        if not pause_recorded.is_set() and done() > 100:
+            pause_recorded.wait(60)
+        return still_wanted(run)
+
+    monkeypatch.setattr(parallel._RangeRun, '_still_wanted', held_until_the_pause)
     runners = [runner('web1'), runner('web2')]
     for r in runners:
         r.start()
     try:
         wait_until(lambda: done() > 100, 'some ranges worked on')
         assert reader.record_request(evolution_id, PAUSE, 'olivia', RUNNING) is not None
+        pause_recorded.set()
         wait_until(lambda: reader.read_history()[evolution_id].state == PAUSED,
                    'the evolution paused')
         wait_until(lambda: not any(r.state == RANGE_RUNNING
@@ -573,6 +587,7 @@ def test_a_paused_parallel_evolution_stops_every_claimer_and_resumes_from_the_ra
         wait_until(lambda: reader.read_history()[evolution_id].state == APPLIED,
                    'the evolution resumed and applied')
     finally:
+        pause_recorded.set()
         for r in runners:
             r.stop(30)
     assert parallel_worker.item_counts(engine) == {1: 1500}

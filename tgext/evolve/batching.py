@@ -7,7 +7,6 @@ it is, and what happens when one fails.
 """
 import collections
 import json
-import math
 import time
 import traceback
 
@@ -40,11 +39,19 @@ class BatchSizer:
     than twice the target shrinks the next one at once (short transactions come first); growth
     is bounded per batch (x1.5, as GitLab's batch optimizer bounds its steps), so a size that
     overshoots when items get costlier costs at most one long batch.
+
+    A batch the model is wrong about by more than ``CHANGE`` times starts a new window: the
+    items changed (costlier or cheaper from some key on), and a fit across both kinds of items
+    describes neither (it once took a fixed cost near the target from them and shrank batches
+    to one item).  Unless the batch after it runs at the old pace again: then it was a stall
+    (the machine or the database paused a moment), the old window comes back without it, and
+    so does the size it interrupted, at once rather than regrowing x1.5 at a time.
     """
 
     GROWTH = 1.5
     WINDOW = 8  # batches the model is fitted on
     MIN_SPREAD = 0.15  # coefficient of variation of the sizes below which no line is fitted
+    CHANGE = 2.0  # a batch this many times slower or faster than predicted breaks the model
 
     def __init__(self, size, target, ceiling=DEFAULT_MAX_BATCH_SIZE, floor=1):
         self.target = target
@@ -52,6 +59,7 @@ class BatchSizer:
         self.ceiling = max(floor, ceiling)
         self.size = self._bounded(size)
         self.samples = collections.deque(maxlen=self.WINDOW)
+        self._before_change = None  # (the window, the size) before a batch that broke it
 
     def _bounded(self, size):
         return int(min(self.ceiling, max(self.floor, size)))
@@ -61,22 +69,49 @@ class BatchSizer:
         if items <= 0:
             return self.size
         seconds = max(seconds, 1e-9)
-        self.samples.append((items, seconds))
+        # Growth by at least one item, or a size of 1 could never grow again.
+        ceiling = max(self.size * self.GROWTH, self.size + 1)
+        ceiling = max(ceiling, self._update_window(items, seconds))
         if seconds > 2 * self.target:
             ideal = items * self.target / seconds
         else:
-            fixed, per_item = self._fit()
-            ideal = (self.target - fixed) / per_item if fixed < self.target else math.inf
-        self.size = self._bounded(min(ideal, self.size * self.GROWTH))
+            fixed, per_item = self._fit(self.samples)
+            # The items get at least half of the target, so that a fixed cost near the target
+            # cannot shrink batches to nothing (nor one above it grow them without bound).
+            ideal = max(self.target - fixed, self.target / 2) / per_item
+        self.size = self._bounded(min(ideal, ceiling))
         return self.size
 
-    def _fit(self):
-        """``(fixed seconds, seconds per item)`` by least squares over the window."""
-        n = len(self.samples)
-        sx = sum(x for x, _ in self.samples)
-        sy = sum(y for _, y in self.samples)
-        sxx = sum(x * x for x, _ in self.samples)
-        sxy = sum(x * y for x, y in self.samples)
+    def _update_window(self, items, seconds):
+        """Adds the batch to the window, or starts a new one; the size a stall interrupted
+        (when this batch proves the one before it was a stall), else 0."""
+        sample = (items, seconds)
+        before, self._before_change = self._before_change, None
+        if before is not None:
+            window, interrupted = before
+            if self._agrees(window, sample):
+                self.samples = collections.deque(window, maxlen=self.WINDOW)
+                self.samples.append(sample)
+                return interrupted
+        elif len(self.samples) >= 2 and not self._agrees(self.samples, sample):
+            self._before_change = (tuple(self.samples), items)
+            self.samples.clear()
+        self.samples.append(sample)
+        return 0
+
+    def _agrees(self, window, sample):
+        items, seconds = sample
+        fixed, per_item = self._fit(window)
+        predicted = fixed + per_item * items
+        return predicted / self.CHANGE <= seconds <= predicted * self.CHANGE
+
+    def _fit(self, samples):
+        """``(fixed seconds, seconds per item)`` by least squares over ``samples``."""
+        n = len(samples)
+        sx = sum(x for x, _ in samples)
+        sy = sum(y for _, y in samples)
+        sxx = sum(x * x for x, _ in samples)
+        sxy = sum(x * y for x, y in samples)
         spread = n * sxx - sx * sx  # n^2 x the variance of the sizes
         # Sizes that barely differ (a converged run) leave the slope to the noise of the
         # durations: a noisy slope once grew a converged 0.5 s batch to 0.9 s.  Below this
@@ -101,6 +136,7 @@ class BatchSizer:
     def restore(self, state):
         self.size, samples = state
         self.samples = collections.deque(samples, maxlen=self.WINDOW)
+        self._before_change = None
 
 
 #: Weight of the newest batch in the smoothed rate.

@@ -175,6 +175,10 @@ class ParallelRun(BatchedRun):
                 f'only what is left.\n')
 
 
+def _running(record):
+    return record is not None and record.state == RUNNING and record.requested != PAUSE
+
+
 # --- claimers --------------------------------------------------------------------------------------
 
 class RangeClaimer:
@@ -194,6 +198,7 @@ class RangeClaimer:
         self._slot = None
         self._slot_renewed = 0.0
         self._last_note = None
+        self._looked_at = {}  # evolution id -> when its history was last read
         #: Ranges this process finished, per evolution id (what the tests and bench read).
         self.ranges_done = {}
 
@@ -260,7 +265,8 @@ class RangeClaimer:
             log.warning(message, *args)
 
     def _round(self):
-        history = self.backend.read_history(errors=False)
+        history = self.backend.read_history(errors=False, batches=True)
+        looked_at = time.monotonic()
         worked = False
         with self._guard:
             pending = list(self._pending.items())
@@ -270,8 +276,9 @@ class RangeClaimer:
                 with self._guard:
                     self._pending.pop(evolution_id, None)
                 continue
-            if record is None or record.state != RUNNING:
-                continue  # not started, paused or failed: its coordinator decides
+            if not _running(record):
+                continue  # not started, paused (or about to be) or failed: its coordinator decides
+            self._looked_at[evolution_id] = looked_at
             worked = self._work_on(evolution, blocking) or worked
             if self.stopping.is_set():
                 break
@@ -286,7 +293,7 @@ class RangeClaimer:
         try:
             walker = None
             worked = False
-            while not self.stopping.is_set():
+            while not self.stopping.is_set() and self.still_running(evolution_id):
                 claim = self.backend.claim_range(evolution_id, self.owner, self.settings.lease)
                 if claim is None:
                     return worked
@@ -301,6 +308,16 @@ class RangeClaimer:
             return worked
         finally:
             self._release_slot()
+
+    def still_running(self, evolution_id):
+        """At most once per poll interval, whatever the ranges' sizes: the evolution is still
+        running and not asked to pause (every claimer stops within a poll interval of an
+        operator's request, not of the coordinator's seeing it)."""
+        now = time.monotonic()
+        if now - self._looked_at.get(evolution_id, 0.0) < self.settings.poll_interval:
+            return True
+        self._looked_at[evolution_id] = now
+        return _running(self.backend.read_history(errors=False, batches=True).get(evolution_id))
 
     # --- max_workers -----------------------------------------------------------------------
 
@@ -357,7 +374,6 @@ class _RangeRun:
         self.upper = load_cursor(claim.upto_key)
         self.cursor = load_cursor(claim.checkpoint if claim.checkpoint is not None
                                   else claim.after_key)
-        self._checked_at = time.monotonic()
         self._logged_at = time.monotonic()
 
     def run(self):
@@ -423,16 +439,9 @@ class _RangeRun:
                 self.stopping.wait(self.throttle * (time.monotonic() - started))
 
     def _still_wanted(self):
-        """Between batches, at most once per poll interval: the slot is still ours and the
-        evolution still running (an operator's pause, the coordinator recording a failure)."""
-        if not self.claimer.slot_held():
-            return False
-        now = time.monotonic()
-        if now - self._checked_at < self.settings.poll_interval:
-            return True
-        self._checked_at = now
-        record = self.backend.read_history(errors=False).get(self.evolution_id)
-        return record is not None and record.state == RUNNING
+        """Between batches: the slot is still ours and the evolution still running (an
+        operator's pause, the coordinator recording a failure)."""
+        return self.claimer.slot_held() and self.claimer.still_running(self.evolution_id)
 
     def _log_progress(self, items):
         now = time.monotonic()
