@@ -16,6 +16,7 @@ from tg.configuration.auth import TGAuthMetadata
 
 import tgapps
 from tgapps import DEADLINE, NoteEvolution
+from tgext.evolve import BatchEvolution
 
 COOKIE_SECRET = 'the cluster-wide secret of this test suite'
 PASSWORDS = {'olivia': 'olivia-password', 'uma': 'uma-password'}
@@ -146,3 +147,27 @@ class FailsUntilFixed(NoteEvolution):
         if not self.fixed.is_set():
             raise RuntimeError(f'{self.evolution_id} met a row it cannot convert')
         super().evolve()
+
+
+class SteppedSweep(BatchEvolution):
+    """A parallel evolution over the application's notes (``notes`` more of them added): each
+    item (one per batch) waits for a permit, so that "one item of one range done" is a fact
+    the test makes."""
+    evolution_id = 'sweep'
+    parallel = True
+    batch_size = max_batch_size = 1
+
+    def __init__(self, model, notes):
+        self.model = model
+        self.permits = threading.Semaphore(0)
+        with model._reader.begin() as conn:
+            conn.execute(model.Note.__table__.insert(),
+                         [{'text': f'note {i}'} for i in range(notes)])
+
+    def collection(self):
+        return self.model.DBSession.query(self.model.Note)
+
+    def process(self, note):
+        if not self.permits.acquire(timeout=DEADLINE):
+            raise RuntimeError(f'no permit for note {note.id}')
+        note.text += ' (swept)'

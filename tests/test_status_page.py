@@ -17,8 +17,8 @@ from tg import FullStackApplicationConfigurator, predicates
 from tg.configuration import milestones
 
 import tgapps
-from statuspages import (NOBODY, OPERATOR, FailsUntilFixed, page_apps,  # noqa: F401 (fixture)
-                         sign_in)
+from statuspages import (NOBODY, OPERATOR, FailsUntilFixed, SteppedSweep,  # noqa: F401
+                         page_apps, sign_in)
 from tgapps import (ERROR_PAGE_BLUEPRINT, ERROR_PAGE_MARK, NoteEvolution, database_url,  # noqa: F401
                     tg_apps, wait_until)
 from tgext.evolve import ConfigurationError, EvolveStatusController
@@ -220,6 +220,35 @@ def test_the_page_shows_each_evolution_in_run_order_the_lock_and_the_history(pag
     assert re.search(r'<tr><td><code>retired</code></td><td><span class="state state-applied">',
                      page.text)
     assert 'running now, by' in page.text and '<script>' in page.text
+
+
+@SQLITE
+def test_the_page_shows_who_works_on_which_range_of_a_parallel_evolution(page_apps, sql_url):
+    """The status line ``gearbox evolve status`` prints under a parallel evolution, on the
+    page and (for page.js) in status.json."""
+    model = page_apps.tg_apps.model(('sqlite', sql_url))
+    sweep = SteppedSweep(model, notes=8)
+    app = page_apps.build(model, [sweep])
+    try:
+        sweep.permits.release()
+        wait_until(lambda: sum(r.items_done for r in app.service.backend.read_ranges('sweep'))
+                   == 1, 'one note swept')
+        operator = sign_in(webtest.TestApp(app.wsgi_app), OPERATOR)
+        page = operator.get('/evolve/')
+        owner = app.history()['sweep'].owner
+        line = re.search(r'<div class="ranges" data-field="ranges">([^<]*)</div>', page.text)
+        assert line is not None, page.text
+        assert re.fullmatch(rf'ranges: 0/2 done; working: {re.escape(owner)} \(range [01], 1 '
+                            r'items\)', html.unescape(line.group(1))), line.group(1)
+        served = operator.get('/evolve/status.json').json['evolutions'][0]['ranges']
+        assert (served['total'], served['done'], len(served['working'])) == (2, 0, 1)
+        assert served['working'][0]['owner'] == owner
+    finally:
+        sweep.permits.release(8)
+    app.wait_until_serving()
+    assert model.notes() == sorted(f'note {i} (swept)' for i in range(8))
+    page = sign_in(webtest.TestApp(app.wsgi_app), OPERATOR).get('/evolve/')
+    assert 'ranges: 2/2 done; nobody working now' in page.text
 
 
 @SQLITE

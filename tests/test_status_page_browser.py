@@ -22,7 +22,8 @@ import pytest
 
 import browser as browsers
 from polling import wait_until
-from statuspages import NOBODY, OPERATOR, PASSWORDS, FailsUntilFixed, page_apps  # noqa: F401
+from statuspages import (NOBODY, OPERATOR, PASSWORDS, FailsUntilFixed, SteppedSweep,  # noqa: F401
+                         page_apps)
 from stepped import Stepped
 from tgapps import NoteEvolution, tg_apps  # noqa: F401 (fixture)
 from tgext.evolve import operations
@@ -332,4 +333,32 @@ def test_an_operator_watches_a_batched_evolution_pauses_it_and_resumes_it(
            if e.action in ('pause', 'resume')]
     assert who == [('pause', f'{OPERATOR} via the status page'),
                    ('resume', f'{OPERATOR} via the status page')]
+    deployed.new.wait_until_serving()
+
+
+def test_the_page_follows_who_works_on_which_range_of_a_parallel_evolution(
+        release, page_apps, chromium):
+    sweep = None
+
+    def new_evolutions(model):
+        nonlocal sweep
+        sweep = SteppedSweep(model, notes=10)  # 12 notes with the old release's: 3 ranges
+        return [sweep]
+
+    deployed = release(new_evolutions)
+    ranges = f'{row("sweep")} [data-field=ranges]'
+    try:
+        log_in(chromium, deployed.old_server, OPERATOR)
+        chromium.get(f'{deployed.new_server.url}/evolve/')
+        sweep.permits.release()
+        shown = chromium.wait_for(lambda: (lambda text: text if ', 1 items)' in text else None)(
+            chromium.text(ranges)), 'a range at work shown without reloading')
+        owner = deployed.new.history()['sweep'].owner
+        assert re.fullmatch(rf'ranges: 0/3 done; working: {re.escape(owner)} \(range [0-2], 1 '
+                            r'items\)', shown), shown
+        sweep.permits.release(12)
+        chromium.wait_for(lambda: chromium.text(ranges) == 'ranges: 3/3 done; nobody working now',
+                          'every range shown done')
+    finally:
+        sweep.permits.release(12)
     deployed.new.wait_until_serving()

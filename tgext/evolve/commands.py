@@ -20,7 +20,7 @@ from .records import FAILED, PAUSED
 from .runner import RunListener
 from .status_document import error_summary as _error_summary, lock_document as _lock_json
 from .status_document import progress_document as _progress, record_fields, status_document
-from .status_document import iso as _iso, ranges_document
+from .status_document import iso as _iso, ranges_document, ranges_text
 from .status_document import recorded_progress as _recorded_progress
 
 log = logs.cli
@@ -291,16 +291,6 @@ def _status_detail(evolution):
     return f'{_when(record.finished_at)}, {_duration(record.duration_ms)}, by {record.owner}'
 
 
-def _ranges_text(ranges):
-    """A parallel evolution's ranges in one line: how many are done, who works on which."""
-    document = ranges_document(ranges)
-    working = ', '.join(f'{w["owner"]} (range {w["range"]}, {w["items_done"]} items)'
-                        for w in document['working'])
-    failed = f', {document["failed"]} failed' if document['failed'] else ''
-    return (f'ranges: {document["done"]}/{document["total"]} done{failed}; '
-            f'{"working: " + working if working else "nobody working now"}')
-
-
 def _status(service, opts):
     status = operations.status(service)
     if opts.json:
@@ -315,8 +305,9 @@ def _status(service, opts):
         for evolution in status.evolutions:
             _say(f'  {evolution.evolution_id:<{width}}  {evolution.state:<8}  '
                  f'{_status_detail(evolution)}')
-            if status.ranges.get(evolution.evolution_id):
-                _say(f'  {"":<{width}}  {_ranges_text(status.ranges[evolution.evolution_id])}')
+            ranges = status.ranges.get(evolution.evolution_id)
+            if ranges:
+                _say(f'  {"":<{width}}  {ranges_text(ranges_document(ranges))}')
         _say(_lock_text(status.lock))
         if status.unregistered:
             _say('also in history but no longer registered (see history): '

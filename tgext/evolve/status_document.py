@@ -88,6 +88,16 @@ def ranges_document(ranges):
     }
 
 
+def ranges_text(document):
+    """A :func:`ranges_document` in one line, as ``gearbox evolve status`` and the status page
+    show it (the page's script has the same rule)."""
+    working = ', '.join(f'{w["owner"]} (range {w["range"]}, {w["items_done"]} items)'
+                        for w in document['working'])
+    failed = f', {document["failed"]} failed' if document['failed'] else ''
+    return (f'ranges: {document["done"]}/{document["total"]} done{failed}; '
+            f'{"working: " + working if working else "nobody working now"}')
+
+
 def _entry(evolution_id, registered, state, reason, running_now, record, ranges=None):
     return {'id': evolution_id, 'registered': registered, 'state': state, 'reason': reason,
             'running_now': running_now, **record_fields(record),

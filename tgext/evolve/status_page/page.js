@@ -34,6 +34,13 @@
     }
     return text;
   };
+  // status_document.ranges_text
+  const rangesText = r => {
+    const working = r.working.map(w => w.owner + ' (range ' + w.range + ', ' + w.items_done
+      + ' items)').join(', ');
+    return 'ranges: ' + r.done + '/' + r.total + ' done' + (r.failed ? ', ' + r.failed
+      + ' failed' : '') + '; ' + (working ? 'working: ' + working : 'nobody working now');
+  };
   const lockFields = lock => {
     if (!lock) {
       return {owner: 'never taken', lease: DASH, generation: DASH, acquired_at: DASH,
@@ -78,6 +85,9 @@
       one('.bar span', progress).style.width = (e.progress.percent || 0) + '%';
       put(one('.progress-text', progress), progressText(e.progress));
     }
+    const ranges = one('[data-field=ranges]', body);
+    ranges.hidden = !(e.ranges && e.ranges.total);
+    put(ranges, ranges.hidden ? '' : rangesText(e.ranges));
     const failure = one('[data-field=failure]', body);
     failure.hidden = !e.error;
     put(one('[data-field=error]', failure), e.error || '');

@@ -3,13 +3,15 @@
 No template engine: the page must render in any application, whatever renderers it configured,
 and without its static files (the CSS and JavaScript are inlined).  ``page.js`` updates the very
 elements built here from ``status.json``; the few formatting rules it repeats (times, durations,
-progress, the lease) are kept side by side with the Python ones below.
+progress, the lease, the ranges) are kept side by side with the Python ones.
 """
 import datetime
 import functools
 import html
 import importlib.resources
 import json
+
+from ..status_document import ranges_text
 
 DASH = '\u2013'
 
@@ -117,6 +119,7 @@ def _forms(entry, forms):
 def _evolution(number, entry, forms, tracebacks):
     progress = entry['progress']
     width = (progress['percent'] or 0) if progress else 0
+    ranges = entry['ranges'] if entry['ranges'] and entry['ranges']['total'] else None
     traceback = tracebacks.get(entry['id']) or ''
     return f'''<tbody class="evolution state-{_e(entry["state"])}" data-id="{_e(entry["id"])}">
 <tr><td class="number">{number}</td>
@@ -129,7 +132,8 @@ def _evolution(number, entry, forms, tracebacks):
 <td class="time" data-field="duration_ms">{duration_text(entry["duration_ms"])}</td>
 <td><div class="progress" data-field="progress"{"" if progress else " hidden"}>
 <div class="bar"><span style="width:{width}%"></span></div>
-<span class="progress-text">{_e(progress_text(progress)) if progress else ""}</span></div></td>
+<span class="progress-text">{_e(progress_text(progress)) if progress else ""}</span></div>
+<div class="ranges" data-field="ranges"{"" if ranges else " hidden"}>{_e(ranges_text(ranges)) if ranges else ""}</div></td>
 <td class="actions">{_forms(entry, forms)}</td></tr>
 <tr class="failure" data-field="failure"{"" if entry["error"] else " hidden"}><td></td>
 <td colspan="9"><div class="error" data-field="error">{_e(entry["error"])}</div>
