@@ -233,6 +233,37 @@ def test_holders_that_die_mid_walk_leave_every_item_changed_once_and_are_resumed
     assert (done.state, done.progress_done, done.attempts) == (APPLIED, rows, 3)
 
 
+def test_a_holder_dying_after_its_batch_reached_the_database_before_its_checkpoint(db):
+    """The batch's writes are flushed, then the holder dies before the checkpoint: on SQL the
+    transaction they were in dies with it (every item still changed once); MongoDB has no
+    such transaction, and the next holder does that batch again (at least once, as README
+    says): exactly the items flushed before the death are changed twice, none is skipped."""
+    rows, death = 300, 150
+    items = Items(db)
+    items.create(rows)
+    dying_calls, next_calls = [], []
+    mortal = Mortal(db.make_backend())
+
+    def on(key):
+        if key == death:
+            db.session.flush()  # the items of this batch before it reach the database
+            mortal.die()
+
+    with pytest.raises(Killed):
+        runner_for(mortal, Bump(items, dying_calls, on=on), 'dying').run(
+            deadline=time.monotonic() + 60)
+    following = runner_for(db.make_backend(), Bump(items, next_calls), 'following')
+    assert following.run(deadline=time.monotonic() + 60) == 'ready'
+
+    redone = sorted(set(dying_calls) & set(next_calls))
+    assert redone and redone[-1] == death - 1 and len(redone) < Bump.max_batch_size, redone
+    assert redone == list(range(redone[0], death))  # the dying batch, from its first item
+    twice = sorted(key for key, n in items.values().items() if n == 2)
+    assert twice == ([] if db.is_sql else redone)
+    assert set(items.values().values()) <= {1, 2} and len(items.values()) == rows
+    assert record(db).progress_done == rows
+
+
 def test_a_holder_stopping_finishes_its_batch_releases_the_lock_and_the_next_one_resumes(db):
     """A process shutting down (``Runner.stop()``: SIGTERM, a deploy) stops at the next batch
     boundary: its batch committed, the lock released at once, so that the next process goes
