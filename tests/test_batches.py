@@ -9,6 +9,7 @@ the rows the evolution changed and on the history a user reads.
 import datetime
 import json
 import logging
+import threading
 import time
 
 import pytest
@@ -19,6 +20,7 @@ from ming.odm import FieldProperty, MappedClass
 import batch_workers
 import conftest
 from batch_workers import assert_resumed
+from polling import wait_until
 from tgext.evolve import BatchEvolution
 from tgext.evolve import operations
 from tgext.evolve.batching import BatchSizer
@@ -426,6 +428,84 @@ def _median(values):
 def _described(cycles):
     return 'batches (first item, size, seconds): ' + ' '.join(
         f'({first}, {size}, {seconds:.3f})' for first, size, seconds in cycles)
+
+
+# --- the count ------------------------------------------------------------------------------------
+
+class SlowlyCounted(Bump):
+    """A count that takes as long as the test says (a big table's ``count(*)``)."""
+
+    def __init__(self, items, calls, total, fails=False):
+        super().__init__(items, calls)
+        self.total = total
+        self.fails_to_count = fails
+        self.counting = threading.Event()
+        self.may_answer = threading.Event()
+
+    def count(self):
+        self.counting.set()
+        assert self.may_answer.wait(60), 'the test never let the count answer'
+        if self.fails_to_count:
+            raise RuntimeError('count() cannot count')
+        return self.total
+
+
+def _done_so_far(db):
+    return getattr(record(db), 'progress_done', None) or 0
+
+
+@pytest.fixture
+def server_db(sql_db):
+    if not sql_db.make_backend(with_session=False).counts_aside:
+        pytest.skip('SQLite counts before the first batch: its readers hold its one writer up')
+    return sql_db
+
+
+def test_batches_run_while_the_collection_is_counted_and_the_total_comes_with_a_batch(
+        server_db):
+    """On PostgreSQL and MySQL the count runs beside the batches: they do not wait for it (on
+    a big table it takes seconds, for a blocking evolution seconds of 503); once it answers,
+    the next batch records the total."""
+    db, rows = server_db, 600
+    items = Items(db)
+    items.create(rows)
+    evolution = SlowlyCounted(items, [], total=rows)
+    evolution.batch_size = evolution.max_batch_size = 20
+    runner = runner_for(db.make_backend(), evolution, 'counting', lease=15.0)
+    runner.start()
+    try:
+        wait_until(lambda: _done_so_far(db) >= 100, 'batches before the count')
+        assert evolution.counting.is_set() and record(db).progress_total is None
+        evolution.may_answer.set()
+        wait_until(lambda: record(db).state == APPLIED, 'the evolution applied')
+    finally:
+        evolution.may_answer.set()
+        runner.stop(30)
+    done = record(db)
+    assert (done.progress_done, done.progress_total) == (rows, rows)
+    assert items.counts() == {1: rows}
+
+
+def test_a_count_that_fails_beside_the_batches_fails_the_evolution_keeping_its_checkpoint(
+        server_db):
+    db, rows = server_db, 400
+    items = Items(db)
+    items.create(rows)
+    evolution = SlowlyCounted(items, [], total=rows, fails=True)
+    evolution.batch_size = evolution.max_batch_size = 20
+    runner = runner_for(db.make_backend(), evolution, 'counting', lease=15.0)
+    runner.start()
+    try:
+        wait_until(lambda: _done_so_far(db) >= 100, 'batches before the count')
+        evolution.may_answer.set()
+        wait_until(lambda: record(db).state == FAILED, 'the evolution failed')
+    finally:
+        evolution.may_answer.set()
+        runner.stop(30)
+    failed = db.make_backend(with_session=False).read_history(batches=True)[EVOLUTION]
+    assert 'RuntimeError: count() cannot count' in failed.error and 'count() failed' in failed.error
+    assert 100 <= failed.progress_done < rows and failed.checkpoint is not None
+    assert items.counts() == {1: failed.progress_done, 0: rows - failed.progress_done}
 
 
 # --- failing batches ------------------------------------------------------------------------------

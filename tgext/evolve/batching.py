@@ -7,6 +7,7 @@ it is, and what happens when one fails.
 """
 import collections
 import json
+import threading
 import time
 import traceback
 
@@ -217,8 +218,13 @@ class BatchedRun:
 
     # --- the run ---------------------------------------------------------------------------
 
+    #: Whether the count may run beside the first batches (where the backend allows it): the
+    #: parallel coordinator needs it before anything, to cut the ranges.
+    count_aside = True
+
     def run(self):
         """Start (or resume) the evolution and run its batches; returns how it ended."""
+        self.counting = None
         try:
             walker = self._walker()
             total = self._total(walker)
@@ -256,15 +262,19 @@ class BatchedRun:
         return None
 
     def _total(self, walker):
-        """The total for progress and ETA: the one recorded (resuming), else counted once."""
+        """The total for progress and ETA: the one recorded (resuming), else counted once;
+        None while it is counted aside (:class:`_CountAside`), or unknown."""
         record = self.step.record
         if record is not None and not record.done and record.progress_total is not None:
             return record.progress_total
-        if self.evolution.counts:
-            return self.backend.in_session(self.evolution.count)
-        if walker is not None:
-            return self.backend.in_session(walker.count)
-        return None
+        count = self.evolution.count if self.evolution.counts else (
+            walker.count if walker is not None else None)
+        if count is None:
+            return None
+        if self.count_aside and self.backend.counts_aside:
+            self.counting = _CountAside(self.backend, count, self.evolution_id)
+            return None
+        return self.backend.in_session(count)
 
     def _batches(self, walker, record):
         sizer = BatchSizer(record.batch_size or self.evolution.batch_size,
@@ -274,13 +284,25 @@ class BatchedRun:
         self.done, self.batches = done, record.batches_done or 0
         failures = 0
         since = time.monotonic()
+        counted = None  # the count taken aside, until a batch has committed it
         while True:
             if self.heartbeat.lost.is_set():
                 return LOST
             if self.stopping.is_set():
                 return STOPPED
+            if self.counting is not None and self.counting.finished.is_set():
+                counting, self.counting = self.counting, None
+                if counting.error is None:
+                    counted = counting.value
+                elif self.backend.is_transient(counting.exception) or self.backend.is_busy(
+                        counting.exception):
+                    # The database, not the count: this attempt goes on without a total.
+                    log.warning('could not count the items of %r (%s): progress goes on '
+                                'without a total', self.evolution_id, counting.exception)
+                else:
+                    return self._fail(counting.error)
             started = time.monotonic()
-            work = _BatchWork(self, walker, cursor, sizer, since, rate)
+            work = _BatchWork(self, walker, cursor, sizer, since, rate, counted)
             try:
                 record = self.backend.run_batch(self.heartbeat.lease, self.evolution_id, work)
             except LeaseLost:
@@ -310,6 +332,7 @@ class BatchedRun:
             sizer.observe(work.items, duration)
             failures = 0
             cursor, done, rate = work.cursor, record.progress_done or 0, record.rate
+            total, counted = record.progress_total, None
             self.done, self.batches = done, record.batches_done or 0
             since = work.finished
             self._report(done, total, rate)
@@ -370,13 +393,14 @@ class _BatchWork:
     """One batch's work, called by the backend inside the batch's transaction: fetch the next
     items, process them, and return the checkpoint to commit with them."""
 
-    def __init__(self, run, walker, cursor, sizer, since, rate):
+    def __init__(self, run, walker, cursor, sizer, since, rate, total):
         self.run = run
         self.walker = walker
         self.cursor = cursor
         self.sizer = sizer
         self.since = since
         self.rate = rate
+        self.total = total
         self.items = 0
 
     def __call__(self):
@@ -400,7 +424,31 @@ class _BatchWork:
         # resume with is this batch's: the next one is chosen once this one has committed.
         self.finished = time.monotonic()
         return BatchCheckpoint(items, dump_cursor(cursor), exhausted, size,
-                               smoothed_rate(self.rate, items, self.finished - self.since))
+                               smoothed_rate(self.rate, items, self.finished - self.since),
+                               self.total)
+
+
+class _CountAside:
+    """A collection's count taken in a thread of its own, in a read transaction of its own,
+    while the first batches run; the batch after it finished records it."""
+
+    def __init__(self, backend, count, evolution_id):
+        self.value = self.error = self.exception = None
+        self.finished = threading.Event()
+        self._backend = backend
+        self._count = count
+        threading.Thread(target=self._run, name=f'tgext.evolve-count {evolution_id}',
+                         daemon=True).start()
+
+    def _run(self):
+        try:
+            self.value = self._backend.in_session(self._count)
+        except Exception as e:
+            self.exception = e
+            self.error = (f'{traceback.format_exc().rstrip()}\n\ncount() failed; the batches '
+                          f'committed before it stay, and a retry resumes from the checkpoint.\n')
+        finally:
+            self.finished.set()
 
 
 def _resume_note(record):

@@ -81,6 +81,8 @@ class ParallelRun(BatchedRun):
     Returns the same outcomes as :class:`~.batching.BatchedRun`.
     """
 
+    count_aside = False  # the ranges are cut from the total
+
     def _started(self, walker, total, record):
         try:
             ranges = self._prepare(walker, total)

@@ -62,6 +62,12 @@ class Backend(abc.ABC):
     #: Whether :meth:`apply` commits the evolution's work and its history row atomically.
     atomic_apply: bool = False
 
+    #: Whether a collection may be counted in a thread of its own while the first batches run:
+    #: its readers never hold up its writers (PostgreSQL, MySQL / MariaDB).  A count of a big
+    #: table takes seconds that the batches (and, for a blocking evolution, the site) need not
+    #: wait.
+    counts_aside: bool = False
+
     #: A database that lives and dies with this process (Ming's ``mim://``, SQLite in memory):
     #: no other process, not even the next ``gearbox evolve`` call, ever sees what it holds.
     process_local: bool = False
@@ -384,3 +390,4 @@ class BatchCheckpoint(NamedTuple):
     exhausted: bool  # nothing left: the evolution is applied with this batch
     batch_size: int  # this batch's size: where a resumed run's sizing starts
     rate: Optional[float]  # items per second, for the ETA (None: not measured yet)
+    total: Optional[int] = None  # the collection's count, once known (None: leave it as is)

@@ -467,11 +467,14 @@ class MingBackend(MingRanges, base.Backend):
         # write leaves the checkpoint where it was, so the next holder does the batch again.
         now = time.time()
         self._fence(lease, now)
+        written = {'checkpoint': checkpoint.cursor, 'batch_size': checkpoint.batch_size,
+                   'rate': checkpoint.rate, 'progress_at': now, 'owner': lease.owner,
+                   'generation': lease.generation}
+        if checkpoint.total is not None:
+            written['progress_total'] = checkpoint.total
         doc = self._history.find_one_and_update(
             {'_id': evolution_id},
-            {'$set': {'checkpoint': checkpoint.cursor, 'batch_size': checkpoint.batch_size,
-                      'rate': checkpoint.rate, 'progress_at': now, 'owner': lease.owner,
-                      'generation': lease.generation},
+            {'$set': written,
              '$inc': {'progress_done': checkpoint.items, 'batches_done': 1}},
             return_document=ReturnDocument.AFTER)
         if doc is None:

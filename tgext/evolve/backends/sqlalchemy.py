@@ -110,6 +110,8 @@ class SQLAlchemyBackend(SQLRanges, Backend):
         self.engine = unprepared_engine(engine)
         self.process_local = (engine.dialect.name == 'sqlite'
                               and engine.url.database in (None, '', ':memory:'))
+        # SQLite's readers hold its one writer's commit up (outside WAL mode).
+        self.counts_aside = engine.dialect.name != 'sqlite'
         self._owns_session = session is None
         if session is None:
             session = scoped_session(sessionmaker(bind=engine))
@@ -521,8 +523,8 @@ class SQLAlchemyBackend(SQLRanges, Backend):
         returning = conn.dialect.update_returning
         result = conn.execute(_checkpoint_statement(checkpoint.exhausted, returning), dict(
             record_id=evolution_id, items=checkpoint.items, cursor=checkpoint.cursor,
-            size=checkpoint.batch_size, batch_rate=checkpoint.rate, holder=lease.owner,
-            holder_generation=lease.generation))
+            size=checkpoint.batch_size, batch_rate=checkpoint.rate, total=checkpoint.total,
+            holder=lease.owner, holder_generation=lease.generation))
         row = result.first() if returning else None
         if (row is None) if returning else (result.rowcount != 1):
             raise LookupError(f'no history record for {evolution_id!r}: record_batches_running '
@@ -629,6 +631,8 @@ def _checkpoint_statement(exhausted, returning):
         (h.c.batches_done, sa.func.coalesce(h.c.batches_done, 0) + 1),
         (h.c.batch_size, sa.bindparam('size', type_=h.c.batch_size.type)),
         (h.c.rate, sa.bindparam('batch_rate', type_=h.c.rate.type)),
+        (h.c.progress_total, sa.func.coalesce(
+            sa.bindparam('total', type_=h.c.progress_total.type), h.c.progress_total)),
         (h.c.requested, sa.case((pausing, None), else_=h.c.requested)),
         (h.c.owner, sa.bindparam('holder', type_=h.c.owner.type)),
         (h.c.generation, sa.bindparam('holder_generation', type_=h.c.generation.type)),
