@@ -380,7 +380,7 @@ def test_status_shows_the_ranges_and_who_works_on_which(db):
     from tgext.evolve import BatchEvolution, Evolution
     from tgext.evolve import operations
     from tgext.evolve.backends.base import BatchCheckpoint
-    from tgext.evolve.commands import _ranges_text
+    from tgext.evolve.status_document import ranges_document, ranges_text
     from tgext.evolve.status_document import status_document
 
     class Backfill(BatchEvolution):
@@ -423,7 +423,7 @@ def test_status_shows_the_ranges_and_who_works_on_which(db):
     assert [(w['range'], w['owner'], w['items_done']) for w in shown['working']] == [
         (working.range_no, 'web3:3:c', 4)]
     assert 0 < shown['working'][0]['expires_in'] <= 60
-    assert _ranges_text(status.ranges['backfill']) == (
+    assert ranges_text(ranges_document(status.ranges['backfill'])) == (
         f'ranges: 1/3 done; working: web3:3:c (range {working.range_no}, 4 items)')
 
 
@@ -450,21 +450,31 @@ def test_a_process_shutting_down_gives_its_range_back_at_a_batch_boundary(
 
     reader = SQLAlchemyBackend(engine)
     leaving = runner('leaving')
+    evolution = leaving.evolutions[0]
+    process_batch = evolution.process_batch
+
+    def shut_down_during_the_first_batch(items):
+        process_batch(items)
+        leaving.stopping.set()  # as Runner.stop() does: SIGTERM, a deploy
+
+    evolution.process_batch = shut_down_during_the_first_batch
     leaving.start()
-    working = wait_until(lambda: [r for r in reader.read_ranges(parallel_worker.EVOLUTION_ID)
-                                  if r.owner == 'leaving' and r.claimed and r.items_done],
-                         'a range half done')[0]
+    wait_until(leaving.stopping.is_set, 'a batch under way')
     leaving.stop(timeout=30)
     assert not leaving.alive and not leaving._claimer.alive
-    given_back = reader.read_ranges(parallel_worker.EVOLUTION_ID)[working.range_no]
-    assert (given_back.state, given_back.owner) == (RANGE_PENDING, None)
-    assert given_back.items_done >= working.items_done and given_back.checkpoint is not None
+    # The batch under way was committed (a range of 100 items, 25 of them), then the range
+    # given back, with its checkpoint.
+    worked = [r for r in reader.read_ranges(parallel_worker.EVOLUTION_ID) if r.items_done]
+    assert len(worked) == 1, worked
+    given_back = worked[0]
+    assert (given_back.state, given_back.owner, given_back.items_done) == (RANGE_PENDING, None, 25)
+    assert given_back.checkpoint is not None
     # Nobody waits for its lease: the next process resumes the range from its checkpoint.
     finishing = runner('finishing')
     assert finishing.run(deadline=None) == 'ready'
     finishing.stop(timeout=30)  # its claimer thread too: the next test uses the same file
     assert parallel_worker.item_counts(engine) == {1: 1000}
-    resumed = reader.read_ranges(parallel_worker.EVOLUTION_ID)[working.range_no]
+    resumed = reader.read_ranges(parallel_worker.EVOLUTION_ID)[given_back.range_no]
     assert resumed.owner == 'finishing'
     assert sum(r.items_done for r in reader.read_ranges(parallel_worker.EVOLUTION_ID)) == 1000
 
