@@ -14,7 +14,7 @@ import traceback
 from . import failure_text, logs
 from .cursors import check_user_cursor
 from .errors import ConfigurationError, LeaseLost, TransactionEscaped
-from .evolution import ran_its_body
+from .evolution import interrupts_foreground, ran_its_body
 from .backends.base import BatchCheckpoint
 from .records import APPLIED, PAUSED, STARTED
 
@@ -373,7 +373,6 @@ class BatchedRun:
     def _fail_on_base_exception(self, error):
         """SystemExit, KeyboardInterrupt, GeneratorExit from the evolution: its failure (the
         thread lives on); a Ctrl-C in a foreground run is raised once recorded."""
-        from .runner import interrupts_foreground
         outcome = self._fail(traceback.format_exc())
         if interrupts_foreground(error):
             raise error

@@ -4,6 +4,7 @@ an application registers."""
 from __future__ import annotations
 
 import inspect
+import threading
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from .errors import ConfigurationError
@@ -188,6 +189,14 @@ def _check_plain_function(evolution, name):
     raise ConfigurationError(
         f'evolution {evolution.evolution_id!r}: {name}() is {kind}; tgext.evolve calls it '
         f'in a plain thread and would never run its body: make it a plain method')
+
+
+def interrupts_foreground(error):
+    """True for a Ctrl-C in a foreground run (``gearbox evolve run``): recorded as the
+    evolution's failure, then raised, so that the command still stops.  Anywhere else a
+    BaseException from an evolution is only its failure."""
+    return (isinstance(error, KeyboardInterrupt)
+            and threading.current_thread() is threading.main_thread())
 
 
 def ran_its_body(evolution, name, *args):

@@ -17,7 +17,7 @@ import traceback
 
 from . import failure_text, logs
 from .errors import ConfigurationError, EvolutionFailed, LeaseLost
-from .evolution import BatchEvolution, ran_its_body
+from .evolution import BatchEvolution, interrupts_foreground, ran_its_body
 from .planning import fingerprints, plan
 from .records import (ADOPTED, APPLIED, DEFAULT_LOCK_NAME, FAILED, PAUSE, PAUSED, RESUME, RETRY,
                       STARTED)
@@ -56,14 +56,6 @@ def legacy_adoptions(evolutions, legacy, history):
     if legacy is None or not legacy.version or legacy.version not in ids:
         return []
     return [i for i in ids[:ids.index(legacy.version) + 1] if i not in history]
-
-
-def interrupts_foreground(error):
-    """True for a Ctrl-C in a foreground run (``gearbox evolve run``): recorded as the
-    evolution's failure, then raised, so that the command still stops.  Anywhere else a
-    BaseException from an evolution is only its failure."""
-    return (isinstance(error, KeyboardInterrupt)
-            and threading.current_thread() is threading.main_thread())
 
 
 class RunListener:
