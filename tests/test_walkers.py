@@ -881,6 +881,7 @@ def live_documents_per_batch(mongodb, count, size):
         del items, page
 
 
+@pytest.mark.slow  # about 4 s: gc.get_objects() after each batch, in a process full of them
 def test_a_ming_walk_keeps_at_most_one_batch_of_documents_alive(mongodb):
     counts = live_documents_per_batch(mongodb, 300, 25)
     assert len(counts) == 12
