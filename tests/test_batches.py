@@ -475,7 +475,8 @@ def test_batches_run_while_the_collection_is_counted_and_the_total_comes_with_a_
     runner.start()
     try:
         wait_until(lambda: _done_so_far(db) >= 100, 'batches before the count')
-        assert evolution.counting.is_set() and record(db).progress_total is None
+        wait_until(evolution.counting.is_set, 'the count asked for')
+        assert record(db).progress_total is None
         evolution.may_answer.set()
         wait_until(lambda: record(db).state == APPLIED, 'the evolution applied')
     finally:
