@@ -119,6 +119,16 @@ def sql_url(request, kind):
     return url
 
 
+def _killed_inside_a_batch(workers, name):
+    """SIGKILL ``name`` once it stopped itself inside its next batch; the range it held."""
+    (workers.workdir / f'stop-{name}').write_text('')
+    wait_until(lambda: stopped(workers.procs[name].pid), f'{name} stopped inside a batch')
+    claims = workers.claimed_by(name)
+    assert len(claims) == 1, claims
+    workers.procs[name].kill()
+    return claims[0].range_no
+
+
 def assert_every_row_changed_once(workers, rows=ROWS):
     assert parallel_worker.item_counts(workers.engine) == {1: rows}
 
@@ -130,11 +140,10 @@ def test_processes_share_the_ranges_and_survive_a_killed_and_a_stopped_claimer(
     workers = workers_on(sql_url(request, kind), iterations=300)
     names = ['a', 'b', 'killed', 'stopped']
     workers.start(*names)
-    # The one to kill: once it finished a range and holds another one.
-    wait_until(lambda: workers.done_by('killed') and workers.claimed_by('killed'),
-               'killed finished a range and claimed the next', timeout=DEADLINE)
-    killed_range = workers.claimed_by('killed')[0].range_no
-    workers.procs['killed'].kill()
+    # The one to kill: once it finished a range, inside a batch of the next one (stopped
+    # there first, so that it cannot finish that range between the look and the kill).
+    wait_until(lambda: workers.done_by('killed'), 'killed finished a range', timeout=DEADLINE)
+    killed_range = _killed_inside_a_batch(workers, 'killed')
     # The one to stop: once it finished a range; it stops itself inside its next batch.
     wait_until(lambda: workers.done_by('stopped'), 'stopped finished a range', timeout=DEADLINE)
     (workers.workdir / 'stop-stopped').write_text('')
@@ -182,15 +191,16 @@ def test_sqlite_processes_share_the_ranges_and_survive_a_killed_claimer(request,
         return None
 
     # Whichever process is first seen mid-range is killed: with an unfair lock, a given one
-    # may not get a claim for a long time on a loaded machine.
-    victim, killed = wait_until(a_claimer_mid_range, 'a claimer mid-range', timeout=DEADLINE)
-    workers.procs[victim].kill()
+    # may not get a claim for a long time on a loaded machine.  Killed inside a batch: the
+    # write lock it holds there dies with it.
+    victim, _ = wait_until(a_claimer_mid_range, 'a claimer mid-range', timeout=DEADLINE)
+    killed_range = _killed_inside_a_batch(workers, victim)
     for name in names:
         if name != victim:
             assert workers.wait_exit(name) == 0, workers.log(name)
     assert workers.record().state == APPLIED
     assert_every_row_changed_once(workers)
-    taken_over = workers.ranges()[killed.range_no]
+    taken_over = workers.ranges()[killed_range]
     assert taken_over.state == RANGE_DONE and taken_over.owner != workers.owner(victim)
     assert sum(r.items_done for r in workers.ranges()) == ROWS
     # Correctness only: SQLite's one write lock is not fair, and on a loaded machine one
