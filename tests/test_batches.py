@@ -6,6 +6,7 @@ What real processes show (SIGKILL, SIGSTOP, serving while a background evolution
 the adaptive batch size, failing batches, ``retry``, and what cannot be walked, each judged on
 the rows the evolution changed and on the history a user reads.
 """
+import contextlib
 import datetime
 import json
 import logging
@@ -461,27 +462,35 @@ def server_db(sql_db):
     return sql_db
 
 
-def test_batches_run_while_the_collection_is_counted_and_the_total_comes_with_a_batch(
-        server_db):
-    """On PostgreSQL and MySQL the count runs beside the batches: they do not wait for it (on
-    a big table it takes seconds, for a blocking evolution seconds of 503); once it answers,
-    the next batch records the total."""
-    db, rows = server_db, 600
+@contextlib.contextmanager
+def batches_under_way_while_counting(db, rows, fails=False):
+    """A runner's thread walking ``rows`` items in batches of 20, 100 of them committed while
+    its count has not answered; the count answers when the ``with`` body lets it."""
     items = Items(db)
     items.create(rows)
-    evolution = SlowlyCounted(items, [], total=rows)
+    evolution = SlowlyCounted(items, [], total=rows, fails=fails)
     evolution.batch_size = evolution.max_batch_size = 20
     runner = runner_for(db.make_backend(), evolution, 'counting', lease=15.0)
     runner.start()
     try:
         wait_until(lambda: _done_so_far(db) >= 100, 'batches before the count')
         wait_until(evolution.counting.is_set, 'the count asked for')
-        assert record(db).progress_total is None
-        evolution.may_answer.set()
-        wait_until(lambda: record(db).state == APPLIED, 'the evolution applied')
+        yield items, evolution
     finally:
         evolution.may_answer.set()
         runner.stop(30)
+
+
+def test_batches_run_while_the_collection_is_counted_and_the_total_comes_with_a_batch(
+        server_db):
+    """On PostgreSQL and MySQL the count runs beside the batches: they do not wait for it (on
+    a big table it takes seconds, for a blocking evolution seconds of 503); once it answers,
+    the next batch records the total."""
+    db, rows = server_db, 600
+    with batches_under_way_while_counting(db, rows) as (items, evolution):
+        assert record(db).progress_total is None
+        evolution.may_answer.set()
+        wait_until(lambda: record(db).state == APPLIED, 'the evolution applied')
     done = record(db)
     assert (done.progress_done, done.progress_total) == (rows, rows)
     assert items.counts() == {1: rows}
@@ -490,19 +499,9 @@ def test_batches_run_while_the_collection_is_counted_and_the_total_comes_with_a_
 def test_a_count_that_fails_beside_the_batches_fails_the_evolution_keeping_its_checkpoint(
         server_db):
     db, rows = server_db, 400
-    items = Items(db)
-    items.create(rows)
-    evolution = SlowlyCounted(items, [], total=rows, fails=True)
-    evolution.batch_size = evolution.max_batch_size = 20
-    runner = runner_for(db.make_backend(), evolution, 'counting', lease=15.0)
-    runner.start()
-    try:
-        wait_until(lambda: _done_so_far(db) >= 100, 'batches before the count')
+    with batches_under_way_while_counting(db, rows, fails=True) as (items, evolution):
         evolution.may_answer.set()
         wait_until(lambda: record(db).state == FAILED, 'the evolution failed')
-    finally:
-        evolution.may_answer.set()
-        runner.stop(30)
     failed = db.make_backend(with_session=False).read_history(batches=True)[EVOLUTION]
     assert 'RuntimeError: count() cannot count' in failed.error and 'count() failed' in failed.error
     assert 100 <= failed.progress_done < rows and failed.checkpoint is not None

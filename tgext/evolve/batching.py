@@ -292,15 +292,15 @@ class BatchedRun:
                 return STOPPED
             if self.counting is not None and self.counting.finished.is_set():
                 counting, self.counting = self.counting, None
-                if counting.error is None:
+                error = counting.exception
+                if error is None:
                     counted = counting.value
-                elif self.backend.is_transient(counting.exception) or self.backend.is_busy(
-                        counting.exception):
+                elif self.backend.is_transient(error) or self.backend.is_busy(error):
                     # The database, not the count: this attempt goes on without a total.
                     log.warning('could not count the items of %r (%s): progress goes on '
-                                'without a total', self.evolution_id, counting.exception)
+                                'without a total', self.evolution_id, error)
                 else:
-                    return self._fail(counting.error)
+                    return self._fail(_count_failure_text(error))
             started = time.monotonic()
             work = _BatchWork(self, walker, cursor, sizer, since, rate, counted)
             try:
@@ -432,7 +432,7 @@ class _CountAside:
     while the first batches run; the batch after it finished records it."""
 
     def __init__(self, backend, count, evolution_id):
-        self.value = self.error = self.exception = None
+        self.value = self.exception = None
         self.finished = threading.Event()
         self._backend = backend
         self._count = count
@@ -444,10 +444,14 @@ class _CountAside:
             self.value = self._backend.in_session(self._count)
         except Exception as e:
             self.exception = e
-            self.error = (f'{traceback.format_exc().rstrip()}\n\ncount() failed; the batches '
-                          f'committed before it stay, and a retry resumes from the checkpoint.\n')
         finally:
             self.finished.set()
+
+
+def _count_failure_text(error):
+    text = ''.join(traceback.format_exception(error)).rstrip()
+    return (f'{text}\n\ncount() failed; the batches committed before it stay, and a retry '
+            f'resumes from the checkpoint.\n')
 
 
 def _resume_note(record):
