@@ -7,8 +7,9 @@ retry or resume request and keeps a pause request for the first batch boundary.
 """
 import pytest
 
-from tgext.evolve.backends.base import AUDIT_TEXT_LIMIT, BatchCheckpoint
-from tgext.evolve.records import FAILED, PAUSE, PAUSED, RESUME, RETRY, RUNNING
+from tgext.evolve.backends.base import AUDIT_TEXT_LIMIT, AuditLine, BatchCheckpoint
+from tgext.evolve.errors import LeaseLost
+from tgext.evolve.records import APPLIED, FAILED, PAUSE, PAUSED, RESUME, RETRY, RUNNING
 
 LONG = 60.0
 
@@ -66,6 +67,38 @@ def test_audit_stores_any_text_and_caps_long_tracebacks_keeping_head_and_tail(ba
     assert entry.error.startswith('NUL \\x00, lone surrogate \\udcff')
     assert entry.error.endswith(' the last line') and 'characters left out' in entry.error
     assert entry.detail == 'detail \\x00'
+
+
+def test_an_attempt_s_audit_lines_are_written_with_the_history_they_describe(backend, lease):
+    """The start of an attempt and the batch that ends it bring their audit line with them,
+    given the record as written; a batch that does not commit (a lost lease) writes neither
+    its checkpoint nor its line."""
+    def line(record):
+        if record.state == RUNNING and not record.batches_done:
+            return AuditLine('started', 'owner-A', 'web-1', f'attempt {record.attempts}')
+        if record.state == APPLIED:
+            return AuditLine(APPLIED, 'owner-A', 'web-1', f'{record.progress_done} items')
+        return None
+
+    backend.record_batches_running(lease, 'evo-1', 10, 20, audit=line)
+    backend.run_batch(lease, 'evo-1', lambda: BatchCheckpoint(10, '10', False, 10, 5.0),
+                      audit=line)
+    assert [(e.action, e.detail) for e in backend.read_audit('evo-1')] == [
+        ('started', 'attempt 1')]
+
+    assert backend.break_lock('operator') is not None
+    with pytest.raises(LeaseLost):
+        backend.run_batch(lease, 'evo-1', lambda: BatchCheckpoint(10, '20', True, 10, 5.0),
+                          audit=line)
+    assert history(backend)['evo-1'].state == RUNNING
+    assert [e.action for e in backend.read_audit('evo-1')] == ['started']
+
+    again = backend.acquire('owner-A', LONG)
+    applied = backend.run_batch(again, 'evo-1', lambda: BatchCheckpoint(10, '20', True, 10, 5.0),
+                                audit=line)
+    assert applied.state == APPLIED
+    assert [(e.action, e.detail, e.actor, e.host) for e in backend.read_audit('evo-1')] == [
+        ('started', 'attempt 1', 'owner-A', 'web-1'), (APPLIED, '20 items', 'owner-A', 'web-1')]
 
 
 # --- requests ----------------------------------------------------------------------------------

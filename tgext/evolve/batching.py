@@ -7,6 +7,7 @@ it is, and what happens when one fails.
 """
 import collections
 import json
+import socket
 import threading
 import time
 import traceback
@@ -15,7 +16,7 @@ from . import failure_text, logs
 from .cursors import check_user_cursor
 from .errors import ConfigurationError, LeaseLost, TransactionEscaped
 from .evolution import interrupts_foreground, ran_its_body
-from .backends.base import BatchCheckpoint
+from .backends.base import AuditLine, BatchCheckpoint
 from .records import APPLIED, PAUSED, STARTED
 
 log = logs.runner
@@ -187,6 +188,8 @@ _OUTCOME_NOTES = {
     STOPPED: 'this process stopped: {done} items in {batches} batches committed, the next '
              'holder resumes',
 }
+#: The history states a batch's commit can end an attempt in, and the outcome each one is.
+_ENDING_STATES = {APPLIED: DONE, PAUSED: STOPPED_PAUSED}
 
 
 class BatchedRun:
@@ -237,18 +240,35 @@ class BatchedRun:
         try:
             record = self.backend.record_batches_running(
                 self.heartbeat.lease, self.evolution_id, self.evolution.batch_size, total,
-                self.fingerprint)
+                self.fingerprint, audit=self._started_line)
         except LeaseLost:
             self.heartbeat.lost.set()
             return LOST
         self.attempts = self.attempt = record.attempts
-        self.audit(self.evolution_id, STARTED,
-                   f'attempt {record.attempts}: {self.step.reason}{_resume_note(record)}')
+        self.ended_in_history = False
         outcome = self._started(walker, total, record)
-        if outcome != FAILED:  # _fail() wrote its own, with the traceback
+        # _fail() wrote its own line, with the traceback; a batch wrote applied or paused.
+        if outcome != FAILED and not self.ended_in_history:
             self.audit(self.evolution_id, outcome, _OUTCOME_NOTES[outcome].format(
                 attempt=record.attempts, done=self.done, batches=self.batches))
         return outcome
+
+    def _line(self, action, detail):
+        return AuditLine(action, self.runner.owner, socket.gethostname(), detail)
+
+    def _started_line(self, record):
+        return self._line(STARTED, f'attempt {record.attempts}: {self.step.reason}'
+                                   f'{_resume_note(record)}')
+
+    def _ended_line(self, record):
+        """The audit line of a batch that ends the attempt (applied, or paused at its end),
+        committed with it."""
+        outcome = _ENDING_STATES.get(record.state)
+        if outcome is None:
+            return None
+        return self._line(outcome, _OUTCOME_NOTES[outcome].format(
+            attempt=record.attempts, done=record.progress_done or 0,
+            batches=record.batches_done or 0))
 
     def _started(self, walker, total, record):
         """Run the batches of the evolution recorded running; returns how it ended."""
@@ -304,7 +324,8 @@ class BatchedRun:
             started = time.monotonic()
             work = _BatchWork(self, walker, cursor, sizer, since, rate, counted)
             try:
-                record = self.backend.run_batch(self.heartbeat.lease, self.evolution_id, work)
+                record = self.backend.run_batch(self.heartbeat.lease, self.evolution_id, work,
+                                                audit=self._ended_line)
             except LeaseLost:
                 self.heartbeat.lost.set()
                 log.warning('lock lost while %r ran: its batch was rolled back%s',
@@ -336,6 +357,7 @@ class BatchedRun:
             self.done, self.batches = done, record.batches_done or 0
             since = work.finished
             self._report(done, total, rate)
+            self.ended_in_history = record.state in _ENDING_STATES
             if record.state == APPLIED:
                 log.info('applied %r: %d items in %d batches, %.0f ms', self.evolution_id,
                          done, record.batches_done or 0, record.duration_ms or 0)

@@ -134,10 +134,10 @@ class ForkGatedBackend:
             return self._backend.apply(lease, evolution_id, self._ungated(work), fingerprint,
                                        final_progress)
 
-    def run_batch(self, lease, evolution_id, work):
+    def run_batch(self, lease, evolution_id, work, audit=None):
         # A batch's work runs the application's code, like evolve(): a fork does not wait.
         with self._gate.call():
-            return self._backend.run_batch(lease, evolution_id, self._ungated(work))
+            return self._backend.run_batch(lease, evolution_id, self._ungated(work), audit)
 
 
 # --- resets in a forked child --------------------------------------------------------------

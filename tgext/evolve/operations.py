@@ -300,6 +300,14 @@ class RunResult:
         return self.phase == READY and self.paused is None
 
 
+def _check_dependencies(service):
+    """Raise the ConfigurationError the runner would only log (a ``depends_on`` naming an id
+    neither registered nor done), from one read of the history: a run pays for nothing else
+    before its runner reads what it needs."""
+    plan_steps(service.evolutions, service.backend.read_history(errors=False),
+               fingerprints(service.evolutions, service.config))
+
+
 def run(service, *, listener=None, on_wait=None, timeout=None):
     """Run the pending evolutions in this process, under the lock, like the thread does.
 
@@ -311,7 +319,7 @@ def run(service, *, listener=None, on_wait=None, timeout=None):
     (``RunResult.paused``: the thread would wait for its resume).  A ``depends_on`` naming an evolution neither
     registered nor done raises :class:`~.errors.ConfigurationError` before anything runs.
     """
-    plan(service)  # raises the ConfigurationError the runner would only log
+    _check_dependencies(service)
     runner = Runner(service.backend, service.evolutions, service.settings,
                     config=service.config, state=service.state, listener=listener)
 

@@ -218,7 +218,13 @@ class Runner:
                                        if r.state == FAILED}
         steps = plan(self.evolutions, history, self.fingerprints)
         if steps and self._batch_fields is None:
-            self._batch_fields = (self.backend.read_storage_version() >= BATCH_FIELDS_VERSION)
+            from .backends.upgrades import upgrades_after
+            version = self.backend.read_storage_version()
+            self._batch_fields = version >= BATCH_FIELDS_VERSION
+            if not upgrades_after(version):
+                # Storage versions only go up, and every store exists before the first version
+                # is recorded: neither creating nor upgrading has anything left to look at.
+                self._storage = CURRENT
             if self._batch_fields:
                 return self._plan()
         return steps
@@ -400,10 +406,10 @@ class Runner:
             # Re-plan inside the lock: another process may have finished meanwhile.
             steps = self._plan()
             blocking = {step.evolution_id for step in steps if step.blocking}
-            for step in self._runnable(steps):
+            for index, step in enumerate(self._runnable(steps)):
                 if heartbeat.lost.is_set() or self._stop.is_set():
                     break
-                if not self._run_one(step, heartbeat):
+                if not self._run_one(step, heartbeat, first=index == 0):
                     break
                 blocking.discard(step.evolution_id)
                 left = [s for s in steps if s.evolution_id not in self.applied]
@@ -456,13 +462,16 @@ class Runner:
             log.warning('could not write the audit trail of %r (%s: %s): %s', evolution_id,
                         type(e).__name__, e, action)
 
-    def _run_one(self, step, heartbeat):
+    def _run_one(self, step, heartbeat, first=False):
+        """``first``: the plan was read just before, under this lease."""
         evolution = step.evolution
         evolution_id = step.evolution_id
-        # Read again: an operator may have paused it since the plan was read, while the
-        # evolutions before it ran.
-        record = self.backend.read_history(errors=False, batches=True).get(evolution_id)
-        step = step._replace(record=record)
+        if not first:
+            # Read again: an operator may have paused it since the plan was read, while the
+            # evolutions before it ran.
+            step = step._replace(record=self.backend.read_history(
+                errors=False, batches=True).get(evolution_id))
+        record = step.record
         if self._paused(step):
             return False
         if record is not None and record.requested == PAUSE:

@@ -248,8 +248,8 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def record_batches_running(self, lease: Lease, evolution_id: str, batch_size: int,
-                               total: Optional[int],
-                               fingerprint: Optional[str] = None) -> HistoryRecord:
+                               total: Optional[int], fingerprint: Optional[str] = None,
+                               audit: Optional[AuditFor] = None) -> HistoryRecord:
         """:meth:`record_running` for a batched evolution, keeping its checkpoint.
 
         ``state=running``, ``attempts+1``, owner and generation as :meth:`record_running`
@@ -257,12 +257,13 @@ class Backend(abc.ABC):
         evolution continues from them); ``batch_size`` and ``progress_total`` are set only
         where none is recorded yet; ``started_at`` only on the first attempt, so that the
         duration spans the whole evolution; an operator's ``resume`` or ``retry`` request is
-        cleared (honoured).
+        cleared (honoured).  ``audit(record)``, given the record as written, returns the
+        :class:`AuditLine` to append with it (or None), in the same write.
         """
 
     @abc.abstractmethod
-    def run_batch(self, lease: Lease, evolution_id: str,
-                  work: Callable[[], BatchCheckpoint]) -> HistoryRecord:
+    def run_batch(self, lease: Lease, evolution_id: str, work: Callable[[], BatchCheckpoint],
+                  audit: Optional[AuditFor] = None) -> HistoryRecord:
         """Run one batch's ``work()`` and commit it with its checkpoint.
 
         ``work()`` returns the :class:`BatchCheckpoint` to record.  Its writes through the
@@ -274,6 +275,9 @@ class Backend(abc.ABC):
         state to ``paused`` in the same write (and is cleared).  If ``work()`` raises its
         writes are rolled back and the exception propagates; a failed fencing check raises
         LeaseLost with everything rolled back.  Returns the record as committed.
+        ``audit(record)``, given the record as written, returns the :class:`AuditLine` to
+        commit with it (or None): the end of an attempt (``applied``, ``paused``) is then in
+        the audit trail exactly when it is in the history.
         """
 
     @abc.abstractmethod
@@ -381,6 +385,19 @@ def audit_text(text: Optional[str]) -> Optional[str]:
         text = (f'{text[:half]}\n[... {len(text) - 2 * half} characters left out ...]\n'
                 f'{text[-half:]}')
     return text
+
+
+class AuditLine(NamedTuple):
+    """An audit entry written in the same write as the history record it describes."""
+    action: str
+    actor: Optional[str]
+    host: Optional[str]
+    detail: Optional[str] = None
+
+
+#: ``audit(record)``: the :class:`AuditLine` a history write appends (or None), given the
+#: record as written.
+AuditFor = Callable[[HistoryRecord], Optional[AuditLine]]
 
 
 class BatchCheckpoint(NamedTuple):

@@ -423,8 +423,8 @@ class MingBackend(MingRanges, base.Backend):
                 self._clear_session()
 
     def record_batches_running(self, lease: records.Lease, evolution_id: str, batch_size: int,
-                               total: Optional[int],
-                               fingerprint: Optional[str] = None) -> records.HistoryRecord:
+                               total: Optional[int], fingerprint: Optional[str] = None,
+                               audit: Optional[base.AuditFor] = None) -> records.HistoryRecord:
         with self._guard():
             now = time.time()
             self._fence(lease, now)
@@ -445,10 +445,11 @@ class MingBackend(MingRanges, base.Backend):
                 'progress_total': kept('progress_total', total),
                 'batch_size': kept('batch_size', batch_size)},
                 count_attempt=True)
-            return self._clear_honoured_requests(evolution_id)
+            return self._audited(self._clear_honoured_requests(evolution_id), audit)
 
     def run_batch(self, lease: records.Lease, evolution_id: str,
-                  work: Callable[[], base.BatchCheckpoint]) -> records.HistoryRecord:
+                  work: Callable[[], base.BatchCheckpoint],
+                  audit: Optional[base.AuditFor] = None) -> records.HistoryRecord:
         # Fenced before the work too: a lease lost since the last batch starts nothing.
         with self._guard():
             self._fence(lease, time.time())
@@ -460,7 +461,7 @@ class MingBackend(MingRanges, base.Backend):
             if self.session is not None:
                 self._clear_session()  # unflushed changes of a failed batch must not leak
         with self._guard():
-            return self._write_checkpoint(lease, evolution_id, checkpoint)
+            return self._audited(self._write_checkpoint(lease, evolution_id, checkpoint), audit)
 
     def _write_checkpoint(self, lease, evolution_id, checkpoint):
         # At least once: the batch's writes are flushed, and a process that dies before this
@@ -535,11 +536,22 @@ class MingBackend(MingRanges, base.Backend):
                      host: Optional[str], detail: Optional[str] = None,
                      error: Optional[str] = None) -> None:
         with self._guard():
-            # _id: an ObjectId, whose leading seconds and counter keep the insertion order.
-            self._audit.insert_one({
-                'evolution_id': evolution_id, 'at': time.time(), 'action': action,
-                'actor': actor, 'host': host, 'detail': base.audit_text(detail),
-                'error': base.audit_text(error)})
+            self._append_audit(evolution_id, action, actor, host, detail, error)
+
+    def _append_audit(self, evolution_id, action, actor, host, detail=None, error=None):
+        # _id: an ObjectId, whose leading seconds and counter keep the insertion order.
+        self._audit.insert_one({
+            'evolution_id': evolution_id, 'at': time.time(), 'action': action, 'actor': actor,
+            'host': host, 'detail': base.audit_text(detail), 'error': base.audit_text(error)})
+
+    def _audited(self, record, audit):
+        """``record``, once the line ``audit(record)`` gives (if any) is appended, right after
+        the history write (MongoDB has no transaction to share)."""
+        line = audit(record) if audit is not None else None
+        if line is not None:
+            self._append_audit(record.evolution_id, line.action, line.actor, line.host,
+                               line.detail)
+        return record
 
     def read_audit(self, evolution_id: Optional[str] = None) -> list:
         query = {} if evolution_id is None else {'evolution_id': evolution_id}

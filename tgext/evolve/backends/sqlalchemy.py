@@ -229,12 +229,18 @@ class SQLAlchemyBackend(SQLRanges, Backend):
             with self.engine.begin() as conn, self._impl.no_lock_wait(conn):
                 # The compare-and-set: the condition is evaluated under the row lock, so of two
                 # processes that both saw the lease expired, only the first one's UPDATE matches.
-                result = conn.execute(
-                    lock_table.update()
-                    .where(lock_table.c.name == name)
-                    .where(sa.or_(lock_table.c.owner.is_(None), lock_table.c.expires_at < now))
-                    .values(generation=lock_table.c.generation + 1, **taken))
-                if result.rowcount == 1:
+                taking = (lock_table.update()
+                          .where(lock_table.c.name == name)
+                          .where(sa.or_(lock_table.c.owner.is_(None),
+                                        lock_table.c.expires_at < now))
+                          .values(generation=lock_table.c.generation + 1, **taken))
+                if conn.dialect.update_returning:  # the new generation without a read
+                    generation = conn.execute(
+                        taking.returning(lock_table.c.generation)).scalar()
+                    if generation is not None:
+                        return Lease(name=name, owner=owner, generation=generation,
+                                     lease_seconds=lease_seconds)
+                elif conn.execute(taking).rowcount == 1:
                     return self._lease(conn, name, owner, lease_seconds)
                 exists = conn.execute(
                     sa.select(lock_table.c.name).where(lock_table.c.name == name)).first()
@@ -472,7 +478,8 @@ class SQLAlchemyBackend(SQLRanges, Backend):
             manager.abort()
             self.session.remove()
 
-    def record_batches_running(self, lease, evolution_id, batch_size, total, fingerprint=None):
+    def record_batches_running(self, lease, evolution_id, batch_size, total, fingerprint=None,
+                               audit=None):
         from .sql_schema import db_now, history_table as h
         now = db_now()
         # An evolution that is not done resumes from its checkpoint; a done one that runs again
@@ -507,12 +514,13 @@ class SQLAlchemyBackend(SQLRanges, Backend):
                     progress_done=0, batches_done=0, progress_total=total,
                     batch_size=batch_size))
             _clear_honoured_requests(conn, evolution_id)
-            return self._read_one(conn, evolution_id)
+            return _audited(conn, self._read_one(conn, evolution_id), audit)
 
-    def run_batch(self, lease, evolution_id, work):
+    def run_batch(self, lease, evolution_id, work, audit=None):
         def finish(conn, checkpoint):
             self._fence(conn, lease)
-            return self._write_checkpoint(conn, lease, evolution_id, checkpoint)
+            return _audited(conn, self._write_checkpoint(conn, lease, evolution_id, checkpoint),
+                            audit)
 
         return self._in_app_transaction(
             work, finish, f'a batch of {evolution_id!r} (process(), process_batch(), batch())')
@@ -568,11 +576,8 @@ class SQLAlchemyBackend(SQLRanges, Backend):
             return None
 
     def record_audit(self, evolution_id, action, actor, host, detail=None, error=None):
-        from .sql_schema import audit_table, db_now
         with self.engine.begin() as conn:
-            conn.execute(audit_table.insert().values(
-                evolution_id=evolution_id, at=db_now(), action=action, actor=actor, host=host,
-                detail=audit_text(detail), error=audit_text(error)))
+            _append_audit(conn, evolution_id, action, actor, host, detail, error)
 
     def read_audit(self, evolution_id=None):
         from .sql_schema import audit_table as a
@@ -583,6 +588,23 @@ class SQLAlchemyBackend(SQLRanges, Backend):
         return [AuditEntry(id=row.id, evolution_id=row.evolution_id, at=_float(row.at),
                            action=row.action, actor=row.actor, host=row.host, detail=row.detail,
                            error=row.error) for row in rows]
+
+
+def _append_audit(conn, evolution_id, action, actor, host, detail=None, error=None):
+    from .sql_schema import audit_table, db_now
+    conn.execute(audit_table.insert().values(
+        evolution_id=evolution_id, at=db_now(), action=action, actor=actor, host=host,
+        detail=audit_text(detail), error=audit_text(error)))
+
+
+def _audited(conn, record, audit):
+    """``record``, once the line ``audit(record)`` gives (if any) is appended in ``conn``'s
+    transaction."""
+    line = audit(record) if audit is not None else None
+    if line is not None:
+        _append_audit(conn, record.evolution_id, line.action, line.actor, line.host,
+                      line.detail)
+    return record
 
 
 # --- statements of every batch, built once ----------------------------------------------------
