@@ -319,8 +319,10 @@ def test_the_batch_size_follows_batch_seconds_when_items_get_costlier_half_way(s
     assert items.counts() == {1: rows}
     sizes = [b[1] for b in batches]
     assert sizes[0] == 10
-    # Growth per batch is bounded (x1.5), and the ceiling holds.
-    assert all(b <= a * 1.5 + 1 for a, b in zip(sizes, sizes[1:])), sizes
+    # Growth per batch is bounded (x1.5) past any size already run (a stall of the machine
+    # costs one small batch, then the size it interrupted comes back), and the ceiling holds.
+    assert all(b <= max(a * 1.5 + 1, max(sizes[:i + 1]))
+               for i, (a, b) in enumerate(zip(sizes, sizes[1:]))), sizes
     assert max(sizes) <= evolution.max_batch_size
     cycles = [(b[0], b[1], after[3] - b[3]) for b, after in zip(batches, batches[1:])]
     cheap = [c for c in cycles if c[0] + c[1] - 1 <= rows // 2]
