@@ -218,10 +218,9 @@ class Runner:
                                        if r.state == FAILED}
         steps = plan(self.evolutions, history, self.fingerprints)
         if steps and self._batch_fields is None:
-            from .backends.upgrades import upgrades_after
             version = self.backend.read_storage_version()
             self._batch_fields = version >= BATCH_FIELDS_VERSION
-            if not upgrades_after(version):
+            if self.backend.storage_is_current(version):
                 # Storage versions only go up, and every store exists before the first version
                 # is recorded: neither creating nor upgrading has anything left to look at.
                 self._storage = CURRENT

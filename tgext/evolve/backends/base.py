@@ -91,6 +91,14 @@ class Backend(abc.ABC):
         record, 0 when there are no stores at all."""
 
     @abc.abstractmethod
+    def storage_is_current(self, version: int) -> bool:
+        """Whether storage at ``version`` (as :meth:`read_storage_version` read it) is at this
+        release's version: nothing to create, nothing to upgrade.  A backend method, not the
+        runner's: the steps are loaded by a process with something to write only, inside a
+        call that a fork waits for (a module half imported when the process forks stays half
+        imported in the child)."""
+
+    @abc.abstractmethod
     def upgrade_storage(self, lease: Lease) -> bool:
         """Bring the stores to ``STORAGE_VERSION``, one step of :data:`.upgrades.UPGRADES` at a
         time.

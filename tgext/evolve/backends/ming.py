@@ -160,6 +160,10 @@ class MingBackend(MingRanges, base.Backend):
             return record['version']
         return 1 if names & set(_KEY_FIELDS) else 0
 
+    def storage_is_current(self, version):
+        from .upgrades import upgrades_after
+        return not upgrades_after(version)
+
     def upgrade_storage(self, lease: records.Lease) -> bool:
         from .upgrades import upgrades_after  # only the lock holder needs the steps
         for step in upgrades_after(self.read_storage_version()):

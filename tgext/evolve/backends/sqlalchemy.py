@@ -136,6 +136,10 @@ class SQLAlchemyBackend(SQLRanges, Backend):
         from . import sql_storage
         return sql_storage.storage_version(self.engine)
 
+    def storage_is_current(self, version):
+        from .upgrades import upgrades_after
+        return not upgrades_after(version)
+
     def upgrade_storage(self, lease):
         from . import sql_storage, upgrades
         for step in upgrades.upgrades_after(self.read_storage_version()):
