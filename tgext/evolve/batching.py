@@ -217,6 +217,8 @@ class BatchedRun:
         self.throttle = 0.0 if step.blocking else self.settings.throttle
         self._logged_at = 0.0
         self.error = None  # the traceback text recorded when the run failed
+        # A batch committed the attempt's end (applied, paused) with its audit line.
+        self.ended_in_history = False
         self.attempts = step.record.attempts if step.record is not None else 0  # until started
 
     # --- the run ---------------------------------------------------------------------------
@@ -245,7 +247,6 @@ class BatchedRun:
             self.heartbeat.lost.set()
             return LOST
         self.attempts = self.attempt = record.attempts
-        self.ended_in_history = False
         outcome = self._started(walker, total, record)
         # _fail() wrote its own line, with the traceback; a batch wrote applied or paused.
         if outcome != FAILED and not self.ended_in_history:
