@@ -23,7 +23,7 @@ import conftest
 from batch_workers import assert_resumed
 from polling import wait_until
 from tgext.evolve import BatchEvolution
-from tgext.evolve import operations
+from tgext.evolve import batching, operations
 from tgext.evolve.batching import BatchSizer
 from tgext.evolve.cursors import decode_key
 from tgext.evolve.options import Settings
@@ -508,6 +508,136 @@ def test_a_count_that_fails_beside_the_batches_fails_the_evolution_keeping_its_c
     assert 'RuntimeError: count() cannot count' in failed.error and 'count() failed' in failed.error
     assert 100 <= failed.progress_done < rows and failed.checkpoint is not None
     assert items.counts() == {1: failed.progress_done, 0: rows - failed.progress_done}
+
+
+class CountedWalks:
+    """A backend whose walkers' own count (the default ``count()``) is spied on: ``counted``
+    gets, for each count, the items done when it was asked for."""
+
+    def __init__(self, backend, db):
+        self._backend = backend
+        self._db = db
+        self.counted = []
+
+    def walker(self, evolution_id, collection):
+        walker = self._backend.walker(evolution_id, collection)
+        count = walker.count
+
+        def counting():
+            self.counted.append(_done_so_far(self._db))
+            return count()
+        walker.count = counting
+        return walker
+
+    def __getattr__(self, name):
+        return getattr(self._backend, name)
+
+
+def test_a_walk_that_ends_before_it_is_due_to_be_counted_takes_its_total_from_the_walk(
+        db, monkeypatch):
+    """The default count() scans the whole collection: a walk that ends before it is due needs
+    no scan, and its total is what it walked."""
+    monkeypatch.setattr(batching, 'WALK_COUNT_AFTER', 600.0)
+    rows = 300
+    items = Items(db)
+    items.create(rows)
+    backend = CountedWalks(db.make_backend(), db)
+    runner = runner_for(backend, Bump(items, []), 'quick', lease=15.0)
+    assert runner.run(deadline=time.monotonic() + 60) == 'ready'
+    done = record(db)
+    assert (done.state, done.progress_done, done.progress_total) == (APPLIED, rows, rows)
+    assert backend.counted == []
+    assert items.counts() == {1: rows}
+
+
+def test_a_walk_that_outlasts_its_count_delay_is_counted_once_and_shows_its_total_while_it_runs(
+        db, monkeypatch):
+    """0.2 s into the walk the collection is counted (beside the batches where the backend
+    allows it); a batch after that records the total, long before the walk ends."""
+    monkeypatch.setattr(batching, 'WALK_COUNT_AFTER', 0.2)
+    rows = 400
+    items = Items(db)
+    items.create(rows)
+    backend = CountedWalks(db.make_backend(), db)
+    seen = []  # (items done, total) as a reader saw them while items were processed
+
+    def on(key):
+        time.sleep(0.004)  # an item's cost: the walk takes 1.6 s or more
+        if key % 20 == 0:
+            now = record(db)
+            seen.append((now.progress_done or 0, now.progress_total))
+
+    evolution = Bump(items, [], on=on)
+    evolution.max_batch_size = 20
+    runner = runner_for(backend, evolution, 'slow', lease=15.0)
+    assert runner.run(deadline=time.monotonic() + 60) == 'ready'
+    assert len(backend.counted) == 1 and backend.counted[0] < rows
+    totalled = [done for done, total in seen if total == rows]
+    assert totalled and totalled[0] < rows // 2, seen
+    assert all(total in (None, rows) for _, total in seen), seen
+    assert (record(db).progress_done, record(db).progress_total) == (rows, rows)
+    assert items.counts() == {1: rows}
+
+
+def test_a_batch_that_only_checks_its_lease_holds_a_takeover_off_until_it_has_committed(
+        sql_db):
+    """Between two renewals a batch's fencing check is its checkpoint's own condition and
+    renews nothing; from that write to the commit it keeps the lock row, so that a takeover
+    (here release-lock --force) waits for the batch to commit; the next batch of the old
+    holder then sees the lock gone and rolls back, its items untouched."""
+    from sqlalchemy import orm
+    from tgext.evolve.backends.base import BatchCheckpoint
+    from tgext.evolve.errors import LeaseLost
+    db = sql_db
+    Items(db).create(30)
+    backend = db.make_backend()
+    backend.ensure_storage()
+    lease = backend.acquire('holder', 30.0)
+    backend.record_batches_running(lease, EVOLUTION, 10, 30)
+    other = db.make_backend(with_session=False)
+
+    def bump(first):
+        def work():
+            rows = db.session.query(batch_workers.Item).filter(
+                batch_workers.Item.id.between(first, first + 9))
+            for row in rows:
+                row.n += 1
+            return BatchCheckpoint(10, json.dumps(first + 9), False, 10, 5.0)
+        return work
+
+    expiry = other.read_lock().expires_at
+    assert backend.run_batch(lease, EVOLUTION, bump(1), renew=False).progress_done == 10
+    assert other.read_lock().expires_at == expiry  # checked, not renewed
+
+    broken, breaks = threading.Event(), []
+
+    def take_over():
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                breaks.append(other.break_lock('operator'))
+                break
+            except Exception as e:  # SQLite: the batch's write lock, past the busy timeout
+                if not other.is_busy(e) or time.monotonic() > deadline:
+                    raise
+        broken.set()
+
+    def before_commit(session):
+        threading.Thread(target=take_over, daemon=True).start()
+        assert not broken.wait(0.5), 'the takeover did not wait for the batch to commit'
+
+    sa.event.listen(orm.Session, 'before_commit', before_commit)
+    try:
+        written = backend.run_batch(lease, EVOLUTION, bump(11), renew=False)
+    finally:
+        sa.event.remove(orm.Session, 'before_commit', before_commit)
+    assert broken.wait(30) and breaks[0] is not None, 'the takeover never happened'
+    assert (written.progress_done, written.checkpoint) == (20, '20')
+
+    with pytest.raises(LeaseLost):
+        backend.run_batch(lease, EVOLUTION, bump(21), renew=False)
+    assert (record(db).progress_done, record(db).checkpoint) == (20, '20')
+    assert batch_workers.item_counts(db.reader) == {1: 20, 0: 10}
 
 
 # --- failing batches ------------------------------------------------------------------------------

@@ -134,10 +134,11 @@ class ForkGatedBackend:
             return self._backend.apply(lease, evolution_id, self._ungated(work), fingerprint,
                                        final_progress)
 
-    def run_batch(self, lease, evolution_id, work, audit=None):
+    def run_batch(self, lease, evolution_id, work, audit=None, renew=True):
         # A batch's work runs the application's code, like evolve(): a fork does not wait.
         with self._gate.call():
-            return self._backend.run_batch(lease, evolution_id, self._ungated(work), audit)
+            return self._backend.run_batch(lease, evolution_id, self._ungated(work), audit,
+                                           renew)
 
 
 # --- resets in a forked child --------------------------------------------------------------

@@ -33,7 +33,7 @@ class Heartbeat:
         self.lost = threading.Event()
         self._stop = threading.Event()
         self._progress = None
-        self._renewed_at = None  # when a batch's fencing check last renewed the lease
+        self._renewed_at = time.monotonic()  # the lease's last renewal (acquiring it, first)
         self._guard = threading.Lock()
         self._thread = threading.Thread(target=self._run, name='tgext.evolve-heartbeat',
                                         daemon=True)
@@ -51,6 +51,13 @@ class Heartbeat:
         On SQLite (one writer) a renewal would otherwise queue behind the next batch."""
         self._renewed_at = time.monotonic()
 
+    def renewal_due(self):
+        """Whether the next batch's fencing check should renew the lease, rather than only
+        check it: half a renewal interval after the last renewal, so that batches in a row
+        renew it themselves, before this thread would have to (on SQLite, between two of
+        their write transactions)."""
+        return time.monotonic() - self._renewed_at >= self.interval / 2
+
     def set_progress(self, evolution_id, done, total):
         with self._guard:
             self._progress = (evolution_id, done, total)
@@ -66,8 +73,7 @@ class Heartbeat:
         failing = False
         while not self._stop.wait(tick):
             progress = self._take_progress()
-            if self._renewed_at is not None:
-                next_renewal = max(next_renewal, self._renewed_at + self.interval)
+            next_renewal = max(next_renewal, self._renewed_at + self.interval)
             if progress is None and time.monotonic() < next_renewal:
                 continue
             try:
@@ -95,7 +101,8 @@ class Heartbeat:
             if failing:
                 log.info('lease renewed again')
                 failing = False
-            next_renewal = time.monotonic() + self.interval
+            self._renewed_at = time.monotonic()
+            next_renewal = self._renewed_at + self.interval
 
 
 def how_lost(backend, lease):

@@ -271,12 +271,15 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def run_batch(self, lease: Lease, evolution_id: str, work: Callable[[], BatchCheckpoint],
-                  audit: Optional[AuditFor] = None) -> HistoryRecord:
+                  audit: Optional[AuditFor] = None, renew: bool = True) -> HistoryRecord:
         """Run one batch's ``work()`` and commit it with its checkpoint.
 
         ``work()`` returns the :class:`BatchCheckpoint` to record.  Its writes through the
-        application's session, the fencing check (which renews the lease) and the checkpoint
-        commit together where the database allows it (:attr:`atomic_apply`): a batch is then
+        application's session, the fencing check and the checkpoint commit together where the
+        database allows it (:attr:`atomic_apply`).  The fencing check renews the lease when
+        ``renew`` is true; otherwise (a backend may renew anyway) it only checks that the lease
+        is still this holder's and keeps it so until the commit (a takeover waits for it, or
+        the batch sees it and rolls back).  A batch is then
         never applied twice, whatever happens to this process.  The checkpoint adds the
         batch's items to ``progress_done`` and one to ``batches_done``; an ``exhausted``
         checkpoint records the evolution ``applied``; a pending ``pause`` request turns the

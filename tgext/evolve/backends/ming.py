@@ -453,8 +453,10 @@ class MingBackend(MingRanges, base.Backend):
 
     def run_batch(self, lease: records.Lease, evolution_id: str,
                   work: Callable[[], base.BatchCheckpoint],
-                  audit: Optional[base.AuditFor] = None) -> records.HistoryRecord:
-        # Fenced before the work too: a lease lost since the last batch starts nothing.
+                  audit: Optional[base.AuditFor] = None,
+                  renew: bool = True) -> records.HistoryRecord:
+        # Fenced before the work too: a lease lost since the last batch starts nothing.  Always
+        # renewing: the fence is a findAndModify either way.
         with self._guard():
             self._fence(lease, time.time())
         try:

@@ -520,25 +520,38 @@ class SQLAlchemyBackend(SQLRanges, Backend):
             _clear_honoured_requests(conn, evolution_id)
             return _audited(conn, self._read_one(conn, evolution_id), audit)
 
-    def run_batch(self, lease, evolution_id, work, audit=None):
+    def run_batch(self, lease, evolution_id, work, audit=None, renew=True):
         def finish(conn, checkpoint):
-            self._fence(conn, lease)
-            return _audited(conn, self._write_checkpoint(conn, lease, evolution_id, checkpoint),
-                            audit)
+            if renew:
+                self._fence(conn, lease)
+            return _audited(conn, self._write_checkpoint(conn, lease, evolution_id, checkpoint,
+                                                         fenced=not renew), audit)
 
         return self._in_app_transaction(
             work, finish, f'a batch of {evolution_id!r} (process(), process_batch(), batch())')
 
-    def _write_checkpoint(self, conn, lease, evolution_id, checkpoint):
+    def _write_checkpoint(self, conn, lease, evolution_id, checkpoint, fenced=False):
         """Write the checkpoint; the record as written.  Read back by the UPDATE's RETURNING
-        where the database has it (PostgreSQL, SQLite >= 3.35): one round trip less per batch."""
+        where the database has it (PostgreSQL, SQLite >= 3.35): one round trip less per batch.
+
+        ``fenced``: the UPDATE is also the fencing check, without renewing the lease: it writes
+        only while the lock row holds this lease, and keeps that row from a takeover until the
+        commit (a share lock on PostgreSQL and MySQL; SQLite's batch holds the one write lock
+        from its first statement).  One statement a batch instead of two: on PostgreSQL the
+        fencing UPDATE cost as much as the checkpoint itself (0.6 ms, parsed anew every time:
+        our statements are never prepared, :mod:`.sql_unprepared`)."""
         returning = conn.dialect.update_returning
-        result = conn.execute(_checkpoint_statement(checkpoint.exhausted, returning), dict(
-            record_id=evolution_id, items=checkpoint.items, cursor=checkpoint.cursor,
-            size=checkpoint.batch_size, batch_rate=checkpoint.rate, total=checkpoint.total,
-            holder=lease.owner, holder_generation=lease.generation))
+        result = conn.execute(_checkpoint_statement(checkpoint.exhausted, returning, fenced),
+                              dict(record_id=evolution_id, items=checkpoint.items,
+                                   cursor=checkpoint.cursor, size=checkpoint.batch_size,
+                                   batch_rate=checkpoint.rate, total=checkpoint.total,
+                                   holder=lease.owner, holder_generation=lease.generation,
+                                   lock_name=lease.name, lock_owner=lease.owner,
+                                   lock_generation=lease.generation))
         row = result.first() if returning else None
         if (row is None) if returning else (result.rowcount != 1):
+            if fenced:
+                self._fence(conn, lease)  # LeaseLost, unless the record is what is missing
             raise LookupError(f'no history record for {evolution_id!r}: record_batches_running '
                               f'first')
         return _history_record(row) if returning else self._read_one(conn, evolution_id)
@@ -635,8 +648,8 @@ def _read_one_statement():
 
 
 @functools.lru_cache(maxsize=None)
-def _checkpoint_statement(exhausted, returning):
-    from .sql_schema import db_now, history_table as h
+def _checkpoint_statement(exhausted, returning, fenced=False):
+    from .sql_schema import db_now, history_table as h, lock_table as lock
     now = db_now()
     pausing = h.c.requested == PAUSE
     if exhausted:
@@ -663,4 +676,11 @@ def _checkpoint_statement(exhausted, returning):
         (h.c.owner, sa.bindparam('holder', type_=h.c.owner.type)),
         (h.c.generation, sa.bindparam('holder_generation', type_=h.c.generation.type)),
     )
+    if fenced:
+        statement = statement.where(sa.exists(
+            sa.select(lock.c.name)
+            .where(lock.c.name == sa.bindparam('lock_name'),
+                   lock.c.owner == sa.bindparam('lock_owner'),
+                   lock.c.generation == sa.bindparam('lock_generation'))
+            .with_for_update(read=True)))
     return statement.returning(*h.c) if returning else statement
