@@ -523,9 +523,9 @@ class CountedWalks:
         walker = self._backend.walker(evolution_id, collection)
         count = walker.count
 
-        def counting():
+        def counting(after=None):
             self.counted.append(_done_so_far(self._db))
-            return count()
+            return count(after=after)
         walker.count = counting
         return walker
 
@@ -576,6 +576,37 @@ def test_a_walk_that_outlasts_its_count_delay_is_counted_once_and_shows_its_tota
     assert totalled and totalled[0] < rows // 2, seen
     assert all(total in (None, rows) for _, total in seen), seen
     assert (record(db).progress_done, record(db).progress_total) == (rows, rows)
+    assert items.counts() == {1: rows}
+
+
+def test_a_collection_that_leaves_out_what_is_done_is_counted_from_the_checkpoint(
+        db, monkeypatch):
+    """``WHERE n = 0``: counted a while into the walk, such a collection holds only the items
+    still to do; the total is those plus the items done, not the rest alone."""
+    monkeypatch.setattr(batching, 'WALK_COUNT_AFTER', 0.2)
+    rows = 300
+    items = Items(db)
+    items.create(rows)
+    backend = CountedWalks(db.make_backend(), db)
+    seen = []
+
+    class BumpTheUnbumped(Bump):
+        def collection(self):
+            if db.is_sql:
+                return db.session.query(batch_workers.Item).filter(batch_workers.Item.n == 0)
+            return MingItem.query.find({'n': 0})
+
+    def on(key):
+        time.sleep(0.004)  # an item's cost: the walk takes 1.2 s or more
+        if key % 20 == 0:
+            seen.append(record(db).progress_total)
+
+    evolution = BumpTheUnbumped(items, [], on=on)
+    evolution.max_batch_size = 20
+    runner = runner_for(backend, evolution, 'slow', lease=15.0)
+    assert runner.run(deadline=time.monotonic() + 60) == 'ready'
+    assert len(backend.counted) == 1 and 0 < backend.counted[0] < rows
+    assert rows in seen and set(seen) <= {None, rows}, seen
     assert items.counts() == {1: rows}
 
 

@@ -231,6 +231,7 @@ def test_a_walk_visits_every_item_of_the_collection_once_in_key_order(sqldb, kin
     assert walked_keys(model, batches) == sqldb.keys_in_order(model, model.slug.is_(None))
     assert [len(items) for items in batches] == [7] * 5 + [5]
     assert walker.count() == 40
+    assert walker.count(after=walker.next_batch(None, 7).cursor) == 33  # what is left to do
 
 
 @pytest.mark.parametrize('form', ['query', 'select', 'core'])
@@ -252,6 +253,8 @@ def test_a_collection_that_joins_yields_each_item_once(sqldb, form):
 
     assert walked_keys(IntItem, batches) == sqldb.keys_in_order(IntItem)
     assert walker.count() == 20
+    first = walker.next_batch(None, 3)
+    assert walker.count(after=first.cursor) == 20 - len(first.items)
     ranges = walker.split(3)
     in_ranges = [walked_keys(IntItem, walk(walker, 4, r.after, r.upto)[0]) for r in ranges]
     assert sum(in_ranges, []) == sqldb.keys_in_order(IntItem)
@@ -746,6 +749,7 @@ def test_a_ming_walk_visits_every_document_once_in_id_order(mongodb, kind, form)
     assert ids_of(batches) == mongodb.ids_in_order(model, wanted)
     assert all(isinstance(doc, model) for doc in flat(batches))
     assert walker.count() == (40 if form == 'class' else 30)
+    assert walker.count(after=walker.next_batch(None, 6).cursor) == (34 if form == 'class' else 24)
 
 
 def test_a_ming_filter_on_id_itself_is_kept_with_the_walk_bound(mongodb):

@@ -29,7 +29,9 @@ PROGRESS_LOG_INTERVAL = 5.0
 #: Seconds a walk runs before its collection is counted (the default ``count()``, a scan of the
 #: whole collection): a walk that ends sooner takes its total from the walk itself, exact and
 #: for free, and a longer one shows percent and ETA from then on (its rate is only known after
-#: a few batches anyway).  Over a table of 200,000 rows the scan took more of PostgreSQL's time
+#: a few batches anyway).  What is counted then is the part after the checkpoint, added to the
+#: items done: a collection that leaves out what is done (``WHERE words IS NULL``) holds only
+#: the rest by then.  Over a table of 200,000 rows the scan took more of PostgreSQL's time
 #: than a tenth of the walk's own batches.  A count() of the class's own is called at once.
 WALK_COUNT_AFTER = 1.0
 #: A failing batch is retried this many times, at half its size each time, before the
@@ -309,14 +311,19 @@ class BatchedRun:
             return None
         return self.backend.in_session(count)
 
-    def _start_walk_count(self):
-        """The walk's count, once it is due: aside where the backend allows it, else here, at
-        a batch boundary (SQLite: a read between two write transactions)."""
+    def _start_walk_count(self, cursor):
+        """The walk's count, once it is due: the items done plus those after ``cursor`` (the
+        checkpoint they were done up to); aside where the backend allows it, else here, at a
+        batch boundary (SQLite: a read between two write transactions)."""
         count, due = self.walk_count
         if time.monotonic() < due:
             return
         self.walk_count = None
-        self.counting = _CountAside(self.backend, count, self.evolution_id,
+        done = self.done
+
+        def total():
+            return done + count(after=cursor)
+        self.counting = _CountAside(self.backend, total, self.evolution_id,
                                     aside=self.backend.counts_aside)
 
     def _batches(self, walker, record):
@@ -334,7 +341,7 @@ class BatchedRun:
             if self.stopping.is_set():
                 return STOPPED
             if self.walk_count is not None:
-                self._start_walk_count()
+                self._start_walk_count(cursor)
             if self.counting is not None and self.counting.finished.is_set():
                 counting, self.counting = self.counting, None
                 error = counting.exception

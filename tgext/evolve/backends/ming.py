@@ -618,9 +618,9 @@ class _GuardedWalker:
         with self._guard():
             return self._walker.next_batch(cursor, size, upper)
 
-    def count(self):
+    def count(self, after=None):
         with self._guard():
-            return self._walker.count()
+            return self._walker.count(after)
 
     def split(self, n):
         with self._guard():

@@ -76,8 +76,9 @@ class MingWalker(Walker):
             return Batch([], cursor)
         return Batch(items, encode_cursor(self.evolution_id, items[-1]._id))
 
-    def count(self) -> int:
-        return self._raw_collection().count_documents(self._filter)
+    def count(self, after: JSONValue = None) -> int:
+        bound = {} if after is None else {'$gt': self._decode(after)}
+        return self._raw_collection().count_documents(_bounded(self._filter, bound))
 
     def split(self, n: int) -> List[KeyRange]:
         check_range_count(n)

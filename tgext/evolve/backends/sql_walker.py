@@ -81,8 +81,8 @@ class SQLWalker(Walker):
             return Batch([], cursor)
         return Batch(items, self._encode(self._form.key_of(items[-1])))
 
-    def count(self) -> int:
-        keyed = self._keyed_subquery()
+    def count(self, after: JSONValue = None) -> int:
+        keyed = self._keyed_subquery(after=after)
         return self._execute(sa.select(sa.func.count()).select_from(keyed)).scalar_one()
 
     def split(self, n: int) -> List[KeyRange]:
@@ -129,9 +129,13 @@ class SQLWalker(Walker):
     def _encode(self, key: tuple) -> JSONValue:
         return encode_cursor(self.evolution_id, key if len(key) > 1 else key[0])
 
-    def _keyed_subquery(self, keys_only=False):
-        """The collection as a subquery, once per item: deduplicated by key when it joins."""
-        subquery = self._form.unordered.subquery()
+    def _keyed_subquery(self, keys_only=False, after=None):
+        """The collection (its items after the cursor ``after``) as a subquery, once per item:
+        deduplicated by key when it joins."""
+        statement = self._form.unordered
+        if after is not None:
+            statement = statement.where(_beyond(self._keys, self._key_values(after), after=True))
+        subquery = statement.subquery()
         if not (self._form.may_repeat or keys_only):
             return subquery
         keys = [_corresponding(subquery, key) for key in self._keys]

@@ -58,8 +58,12 @@ class Walker(abc.ABC):
         """
 
     @abc.abstractmethod
-    def count(self) -> int:
-        """How many items the collection holds now, in one query: the total for progress."""
+    def count(self, after: JSONValue = None) -> int:
+        """How many items the collection holds now, in one query: the total for progress.
+
+        ``after``: only those with keys after that cursor, the walk's part still to do (added
+        to the items done, a total that holds for a collection that leaves out what is done,
+        ``WHERE words IS NULL``, as well as for one that does not)."""
 
     @abc.abstractmethod
     def split(self, n: int) -> List[KeyRange]:
