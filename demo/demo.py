@@ -159,7 +159,8 @@ def describe_progress(entry):
     progress = entry['progress']
     if progress is None:
         return f"{entry['state']}, not started"
-    text = f"{entry['state']}: {progress['done']}/{progress['total']} items"
+    total = '' if progress['total'] is None else f"/{progress['total']}"  # not counted yet
+    text = f"{entry['state']}: {progress['done']}{total} items"
     if progress['percent'] is not None:
         text += f" ({progress['percent']:.0f}%)"
     if progress['rate']:
