@@ -610,6 +610,38 @@ def test_a_collection_that_leaves_out_what_is_done_is_counted_from_the_checkpoin
     assert items.counts() == {1: rows}
 
 
+class RecordedRenewals:
+    """A backend that records, for each batch, whether it was asked to renew the lease."""
+
+    def __init__(self, backend):
+        self._backend = backend
+        self.renewals = []
+
+    def run_batch(self, *args, renew=True, **kwargs):
+        self.renewals.append(renew)
+        return self._backend.run_batch(*args, renew=renew, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._backend, name)
+
+
+def test_batches_renew_the_lease_once_a_sixth_of_it_has_passed_and_only_check_it_before(db):
+    """Lease 0.6 s: a batch renews it once 0.1 s has passed since the last renewal (the
+    lock's acquisition first); the batches in between only check it."""
+    rows = 300
+    items = Items(db)
+    items.create(rows)
+    backend = RecordedRenewals(db.make_backend())
+    evolution = Bump(items, [], on=lambda key: time.sleep(0.003))  # 0.9 s or more in all
+    evolution.max_batch_size = 10
+    runner = runner_for(backend, evolution, 'renewing', lease=0.6)
+    assert runner.run(deadline=time.monotonic() + 60) == 'ready'
+    renewals = backend.renewals
+    assert renewals[0] is False and True in renewals, renewals
+    assert renewals.count(False) > renewals.count(True), renewals
+    assert items.counts() == {1: rows}
+
+
 def test_a_batch_that_only_checks_its_lease_holds_a_takeover_off_until_it_has_committed(
         sql_db):
     """Between two renewals a batch's fencing check is its checkpoint's own condition and

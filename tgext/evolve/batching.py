@@ -293,7 +293,7 @@ class BatchedRun:
 
     def _total(self, walker):
         """The total for progress and ETA: the one recorded (resuming), else counted once;
-        None while it is counted aside (:class:`_CountAside`), or unknown."""
+        None while it is counted aside (:class:`_Count`), or unknown."""
         record = self.step.record
         if record is not None and not record.done and record.progress_total is not None:
             return record.progress_total
@@ -307,7 +307,7 @@ class BatchedRun:
         else:
             return None
         if self.count_aside and self.backend.counts_aside:
-            self.counting = _CountAside(self.backend, count, self.evolution_id)
+            self.counting = _Count(self.backend, count, self.evolution_id)
             return None
         return self.backend.in_session(count)
 
@@ -323,7 +323,7 @@ class BatchedRun:
 
         def total():
             return done + count(after=cursor)
-        self.counting = _CountAside(self.backend, total, self.evolution_id,
+        self.counting = _Count(self.backend, total, self.evolution_id,
                                     aside=self.backend.counts_aside)
 
     def _batches(self, walker, record):
@@ -488,10 +488,10 @@ class _BatchWork:
                                total)
 
 
-class _CountAside:
-    """A collection's count taken in a thread of its own (unless ``aside`` is false: then at
-    once, in this thread), in a read transaction of its own, while batches run; the batch after
-    it finished records it."""
+class _Count:
+    """A collection's count, in a read transaction of its own: taken in a thread of its own
+    while batches run (``aside``), or at once in this one; the batch after it finished records
+    it."""
 
     def __init__(self, backend, count, evolution_id, aside=True):
         self.value = self.exception = None

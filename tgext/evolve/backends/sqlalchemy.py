@@ -629,14 +629,21 @@ def _audited(conn, record, audit):
 # looking up their compiled form by structure) took about as long again.  Their values are
 # bound parameters; the names differ from the columns', which SQLAlchemy reserves.
 
+def _lease_holds():
+    """The lock row's condition of holding the lease in ``lock_name``, ``lock_owner`` and
+    ``lock_generation``: the one fencing test, whether it renews the lease or not."""
+    from .sql_schema import lock_table as lock
+    return sa.and_(lock.c.name == sa.bindparam('lock_name'),
+                   lock.c.owner == sa.bindparam('lock_owner'),
+                   lock.c.generation == sa.bindparam('lock_generation'))
+
+
 @functools.lru_cache(maxsize=None)
 def _fence_statement():
     from .sql_schema import db_now, lock_table as lock
     now = db_now()
     return (lock.update()
-            .where(lock.c.name == sa.bindparam('lock_name'),
-                   lock.c.owner == sa.bindparam('lock_owner'),
-                   lock.c.generation == sa.bindparam('lock_generation'))
+            .where(_lease_holds())
             .values(renewed_at=now,
                     expires_at=now + sa.bindparam('lease_seconds', type_=now.type)))
 
@@ -678,9 +685,5 @@ def _checkpoint_statement(exhausted, returning, fenced=False):
     )
     if fenced:
         statement = statement.where(sa.exists(
-            sa.select(lock.c.name)
-            .where(lock.c.name == sa.bindparam('lock_name'),
-                   lock.c.owner == sa.bindparam('lock_owner'),
-                   lock.c.generation == sa.bindparam('lock_generation'))
-            .with_for_update(read=True)))
+            sa.select(lock.c.name).where(_lease_holds()).with_for_update(read=True)))
     return statement.returning(*h.c) if returning else statement
